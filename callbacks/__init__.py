@@ -1,0 +1,7 @@
+"""Lightning callbacks of lit-dimba, listed in YAML under ``trainer.callbacks``."""
+
+from callbacks.ema import EMA
+from callbacks.image_writer import ImageWriter
+from callbacks.sample_logger import SampleLogger
+
+__all__ = ["EMA", "ImageWriter", "SampleLogger"]

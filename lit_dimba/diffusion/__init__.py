@@ -1,0 +1,5 @@
+"""Noise schedule, training losses and CFG sampling through diffusers schedulers."""
+
+from lit_dimba.diffusion.gaussian import GaussianDiffusion
+
+__all__ = ["GaussianDiffusion"]

@@ -1,0 +1,216 @@
+"""The one diffusion backbone: PixArt-alpha's text-to-image DiT, built from a layout of token mixers.
+
+Every block is ``token mixer -> cross-attention to text -> MLP`` with adaLN-single modulation: one shared
+time MLP (``t_block``) produces six modulation vectors per sample, and each block adds its own learned
+``scale_shift_table``. The layout names the token mixer of each block, so DiT (all self-attention) and the
+hybrid layouts share every module name outside the mixers, and copying weights between them is by name.
+
+Names and tensor layouts follow PixArt-alpha so that its checkpoints load by (renamed) key.
+"""
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lit_dimba.models.attention import CrossAttention, SelfAttention
+from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
+
+MIXER_KINDS = ("attn",)
+LAYOUTS = ("dit",)
+
+PRESETS = {
+    # PixArt-alpha XL/2 at 512^2 (SD VAE latents 4 x 64 x 64, T5-XXL 120 tokens).
+    "dit-xl/2": dict(layout="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
+                     learn_sigma=True, caption_channels=4096, token_num=120, base_size=32),
+    # Test-sized DiT on 4-channel latents with a 32-channel text encoder.
+    "dit-tiny": dict(layout="dit", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
+                     learn_sigma=True, caption_channels=32, token_num=16, base_size=8),
+}
+
+
+def expand_layout(layout: str | list[str], depth: int) -> list[str]:
+    """A layout name or an explicit per-block list -> the list of ``depth`` mixer kinds."""
+    if isinstance(layout, str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or give a list of {MIXER_KINDS}")
+        return ["attn"] * depth
+    kinds = list(layout)
+    if len(kinds) != depth:
+        raise ValueError(f"layout lists {len(kinds)} mixers but depth is {depth}")
+    unknown = sorted(set(kinds) - set(MIXER_KINDS))
+    if unknown:
+        raise ValueError(f"unknown mixer kinds {unknown} in layout; allowed: {MIXER_KINDS}")
+    return kinds
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, N, C), shift/scale (B, 1, C)."""
+    return x * (1 + scale) + shift
+
+
+def make_mixer(kind: str, hidden_size: int, num_heads: int) -> nn.Module:
+    """A token mixer (B, N, C), grid -> (B, N, C) of the given kind."""
+    if kind == "attn":
+        return SelfAttention(hidden_size, num_heads)
+    raise ValueError(f"unknown mixer kind {kind!r}; allowed: {MIXER_KINDS}")
+
+
+class Block(nn.Module):
+    """PixArt-alpha block with a pluggable token mixer.
+
+    x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
+    grid (h, w) with h * w = N -> (B, N, C).
+    """
+
+    def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mixer = make_mixer(kind, hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x, t6, y, mask, grid):
+        B, _, C = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t6.reshape(B, 6, C)
+        ).chunk(6, dim=1)
+        x = x + gate_msa * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid)
+        x = x + self.cross_attn(x, y, mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """PixArt's T2I final layer: adaLN-single modulated norm then a linear to patch pixels.
+
+    x (B, N, C), t (B, C) -> (B, N, p * p * out_channels).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class Backbone(nn.Module):
+    """Text-conditioned diffusion backbone over any latent grid divisible by the patch size.
+
+    Args:
+        layout: "dit" (all self-attention) or a per-block list of mixer kinds.
+        depth, hidden_size, num_heads, mlp_ratio: transformer size.
+        patch_size: p; inputs need H and W divisible by p.
+        in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
+        caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
+        base_size: grid size (tokens per side) at which positions step by 1 at ``pe_interpolation`` 1.
+        pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2); a callback may change it in training.
+        gradient_checkpointing: recompute each block in backward (training only).
+
+    forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
+    bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        layout: str | list[str] = "dit",
+        depth: int = 28,
+        hidden_size: int = 1152,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        learn_sigma: bool = True,
+        caption_channels: int = 4096,
+        token_num: int = 120,
+        base_size: int = 32,
+        pe_interpolation: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.layout = expand_layout(layout, depth)
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.caption_channels = caption_channels
+        self.token_num = token_num
+        self.base_size = base_size
+        self.pe_interpolation = pe_interpolation
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, token_num)
+        self.blocks = nn.ModuleList(Block(kind, hidden_size, num_heads, mlp_ratio) for kind in self.layout)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Backbone":
+        """Build a named preset (see ``PRESETS``), with keyword overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def initialize_weights(self):
+        """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections."""
+
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                       self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(linear.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of an input of the given spatial size; a clear error if not divisible."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"input of {height}x{width} latent pixels is not divisible by the patch size {p}; "
+                f"choose an image resolution whose latent size is a multiple of {p}"
+            )
+        return height // p, width // p
+
+    def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(1, h * w, hidden) sin-cos PE for the current grid and ``pe_interpolation``."""
+        return sincos_2d(self.hidden_size, *grid, self.base_size, self.pe_interpolation, device)[None]
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h * w, p * p * c) -> (B, c, h * p, w * p), PixArt's channel order (p, q, c)."""
+        h, w = grid
+        p = self.patch_size
+        x = x.reshape(x.shape[0], h, w, p, p, self.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_channels, h * p, w * p)
+
+    def forward(self, x, t, y, mask, drop_caption=None):
+        grid = self.grid_size(x.shape[-2], x.shape[-1])
+        x = self.x_embedder(x) + self.pos_embed(grid, x.device)
+        t_emb = self.t_embedder(t)
+        t6 = self.t_block(t_emb)
+        y, mask = self.y_embedder(y, mask, drop_caption)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, t6, y, mask, grid, use_reentrant=False)
+            else:
+                x = block(x, t6, y, mask, grid)
+        return self.unpatchify(self.final_layer(x, t_emb), grid)

@@ -1,0 +1,256 @@
+"""The shared LightningModule: text-to-image diffusion training, CFG sampling, prompt-following test, predict.
+
+The trained network is always ``self.model`` (a ``Backbone``); the text encoder and the VAE are frozen
+submodules that never enter the optimizer, the EMA or the checkpoint (their weights come from their own
+pretrained paths or seeds). Batches are ``{"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}`` for
+training/validation and ``{"caption", "index", "height", "width"}`` (plus scene attributes for the
+prompt-following score) for test/predict.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchvision.utils import make_grid, save_image
+
+from datamodules.synthetic import Scene
+from lit_dimba.conditioning.text import TextEncoder
+from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
+from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
+from lit_dimba.errors import ConfigError
+from lit_dimba.eval.prompt_following import judge
+from lit_dimba.models.backbone import Backbone
+
+FROZEN_PREFIXES = ("text_encoder.", "vae.")
+SCORED_ATTRIBUTES = ("colour", "shape", "position", "size", "all")
+
+
+@dataclass
+class Sampling:
+    """How images are generated for test, predict and the sample logger.
+
+    height/width are pixels; None takes the size each batch carries (the data resolution).
+    """
+
+    sampler: Sampler = "dpm++"
+    steps: int = 20
+    cfg_scale: float = 4.5
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``backbone`` to denoise VAE latents conditioned on text-encoder features.
+
+    Args:
+        backbone: the trained network.
+        text_encoder: frozen caption encoder; its ``max_length``/``hidden_size`` must match the backbone's
+            ``token_num``/``caption_channels``.
+        vae: frozen latent autoencoder (``LatentVAE``) or ``PixelSpace``; its channels must match the backbone.
+        diffusion: schedule, targets and loss.
+        caption_dropout: probability of replacing a caption by the null caption in training (for CFG).
+        optimizer, lr_scheduler: built on ``self.model``'s parameters only; the scheduler steps every batch.
+        sampling: sampler, steps, guidance scale, seed and size for generation.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        text_encoder: TextEncoder,
+        vae: LatentVAE | PixelSpace,
+        diffusion: GaussianDiffusion | None = None,
+        caption_dropout: float = 0.1,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sampling: Sampling = Sampling(),
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "text_encoder", "vae", "diffusion"])
+        if backbone.in_channels != vae.latent_channels:
+            raise ConfigError(f"backbone.in_channels={backbone.in_channels} but the VAE gives "
+                              f"{vae.latent_channels} latent channels; set backbone.in_channels={vae.latent_channels}")
+        if backbone.caption_channels != text_encoder.hidden_size:
+            raise ConfigError(f"backbone.caption_channels={backbone.caption_channels} but the text encoder gives "
+                              f"{text_encoder.hidden_size}; set backbone.caption_channels={text_encoder.hidden_size}")
+        if backbone.token_num != text_encoder.max_length:
+            raise ConfigError(f"backbone.token_num={backbone.token_num} but text_encoder.max_length="
+                              f"{text_encoder.max_length}; make them equal")
+        self.model = backbone
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.diffusion = diffusion or GaussianDiffusion()
+        self.caption_dropout = caption_dropout
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.sampling = sampling
+        self.register_state_dict_post_hook(_drop_frozen_weights)
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
+        self._test_images: list[torch.Tensor] = []
+        self._test_captions: list[str] = []
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        resolution = getattr(datamodule, "resolution", None)
+        if resolution is not None:
+            self.check_resolution(resolution, "data.resolution")
+
+    def check_resolution(self, resolution: int | tuple[int, int], field: str) -> None:
+        """Raise a ConfigError unless the pixel resolution maps to whole latent patches."""
+        step = self.vae.downsample_factor * self.model.patch_size
+        sizes = resolution if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+        if any(int(s) % step for s in sizes):
+            raise ConfigError(f"{field}={resolution} is not divisible by {step} (VAE factor "
+                              f"{self.vae.downsample_factor} x patch {self.model.patch_size}); use a multiple of {step}")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.model.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another architecture with the list of tensors that differ."""
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        theirs = checkpoint["state_dict"]
+        differ = [k for k in own if k not in theirs or tuple(theirs[k].shape) != tuple(own[k])]
+        differ += [k for k in theirs if k not in own]
+        if differ:
+            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise ConfigError(f"the checkpoint does not fit this model ({len(differ)} tensors differ: {shown}); "
+                              "build the model with the config the checkpoint was trained with")
+
+    # -------------------------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images and captions -> latents (B, C, h, w), text features (B, L, D), mask (B, L) bool."""
+        latents = self.vae.encode(batch["image"])
+        features, mask = self.text_encoder(batch["caption"])
+        return latents, features, mask
+
+    def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
+        """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
+        x0, y, mask = self.encode_batch(batch)
+        B = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        drop = torch.rand(B, device=x0.device, generator=generator) < drop_prob
+        x_t = self.diffusion.add_noise(x0, noise, t)
+        output = self.model(x_t, t, y, mask, drop)
+        return self.diffusion.training_losses(output, x0, noise, x_t, t)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.diffusion_losses(batch, self.caption_dropout)
+        B = len(batch["caption"])
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.mean(), batch_size=B, prog_bar=name == "loss")
+        return losses["loss"].mean()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        losses = self.diffusion_losses(batch, 0.0, generator)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value.mean(), batch_size=len(batch["caption"]), sync_dist=True)
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, captions: list[str], height: int, width: int, seeds: list[int] | None = None,
+                 sampling: Sampling | None = None) -> torch.Tensor:
+        """Sample images for ``captions`` with classifier-free guidance.
+
+        Each image's initial noise comes from its own seed (default ``sampling.seed + i``), so an image does
+        not depend on the batch it is generated in. Returns (B, 3, height, width) in [-1, 1].
+        """
+        sampling = sampling or self.sampling
+        self.check_resolution((height, width), "height/width")
+        f = self.vae.downsample_factor
+        shape = (self.model.in_channels, height // f, width // f)
+        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(captions))]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        y, mask = self.text_encoder(list(captions))
+        C = self.model.in_channels
+        guided = sampling.cfg_scale != 1.0
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return self.model(x_t, t, y, mask)[:, :C]
+            B = x_t.shape[0]
+            drop = torch.arange(2 * B, device=x_t.device) >= B
+            out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y]), torch.cat([mask, mask]), drop)
+            cond, uncond = out[:, :C].chunk(2)
+            return uncond + sampling.cfg_scale * (cond - uncond)
+
+        latents = self.diffusion.sample(denoise, noise.to(self.device), sampling.sampler, sampling.steps)
+        return self.vae.decode(latents).clamp(-1, 1)
+
+    def generate_batch(self, batch: dict) -> torch.Tensor:
+        """Images for a test/predict batch, at ``sampling.height/width`` or the size the batch carries."""
+        height = self.sampling.height or int(batch["height"][0])
+        width = self.sampling.width or int(batch["width"][0])
+        seeds = [self.sampling.seed + int(i) for i in batch["index"]]
+        return self.generate(batch["caption"], height, width, seeds)
+
+    # ------------------------------------------------------------------------------------------------ test
+    def on_test_epoch_start(self) -> None:
+        self._test_correct = {k: torch.zeros((), device=self.device) for k in SCORED_ATTRIBUTES}
+        self._test_count = torch.zeros((), device=self.device)
+        self._test_images, self._test_captions = [], []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        images = self.generate_batch(batch)
+        self._test_images.append(images.cpu())
+        self._test_captions.extend(batch["caption"])
+        if all(k in batch for k in ("colour", "shape", "position", "size")):
+            scenes = [Scene(*attributes) for attributes in
+                      zip(batch["colour"], batch["shape"], batch["position"], batch["size"])]
+            for key, correct in judge(images.cpu(), scenes).items():
+                self._test_correct[key] += correct.sum().to(self.device)
+            self._test_count += len(scenes)
+
+    def on_test_epoch_end(self) -> None:
+        count = self.trainer.strategy.reduce(self._test_count, reduce_op="sum")
+        scores = {}
+        if count > 0:
+            for key, correct in self._test_correct.items():
+                scores[key] = (self.trainer.strategy.reduce(correct, reduce_op="sum") / count).item()
+                self.log(f"test/{key}", scores[key], rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            self._write_test_outputs(scores)
+
+    def _write_test_outputs(self, scores: dict[str, float]) -> None:
+        """Save this rank's test grid (PNG + TensorBoard) and the scores (JSON) in the logger's folder."""
+        out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        os.makedirs(out_dir, exist_ok=True)
+        images = torch.cat(self._test_images) if self._test_images else torch.zeros(0, 3, 8, 8)
+        grid = make_grid((images + 1) / 2, nrow=8, padding=2, pad_value=1.0)
+        grid_path = os.path.join(out_dir, "test_grid.png")
+        save_image(grid, grid_path)
+        with open(os.path.join(out_dir, "test_scores.json"), "w") as f:
+            json.dump({"scores": scores, "num_images": len(images), "captions": self._test_captions}, f, indent=1)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("test/grid", grid, self.global_step)
+        table = "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        rank_zero_info(f"prompt-following ({len(images)} prompts): {table or 'no scene attributes'}\n"
+                       f"wrote {grid_path} and test_scores.json")
+
+    # --------------------------------------------------------------------------------------------- predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"images": self.generate_batch(batch), "caption": batch["caption"], "index": batch["index"]}
+
+
+def _drop_frozen_weights(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook: frozen encoders are rebuilt from their own config, never checkpointed."""
+    for key in [k for k in state_dict if k[len(prefix):].startswith(FROZEN_PREFIXES)]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_weights(module, incompatible_keys):
+    """load_state_dict post-hook: a checkpoint without frozen-encoder weights still loads strictly."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]

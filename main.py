@@ -1,0 +1,64 @@
+"""lit-dimba command line (LightningCLI): ``python main.py {fit,validate,test,predict} --config configs/....yaml``.
+
+Models and data are chosen by ``class_path`` in YAML (subclass mode); callbacks and the logger are listed under
+``trainer``. ``fit`` saves the full resolved config next to the logs, and ``--ckpt_path`` resumes or evaluates.
+"""
+
+import os
+import re
+import sys
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules import CaptionImageDataModule
+from lit_dimba.errors import ConfigError
+from lit_dimba.modules import DiffusionModule
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def one_line(message: str) -> str:
+    """Condense jsonargparse's nested validation report to ``key.path: innermost problem``."""
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message)]
+    noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
+             "Problem with given class_path", "Parser key")
+    lines = [line for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    if not lines:
+        return message.strip().replace("\n", " ")
+    innermost = max(lines, key=lambda line: len(line) - len(line.lstrip())).strip().lstrip("- ")
+    return f"{'.'.join(keys)}: {innermost}" if keys else innermost
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad option or config key as one line naming the key, instead of usage plus a nested report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        sys.exit(f"error: {one_line(message)} (run `{prog} --help` for the accepted options)")
+
+
+class DimbaCLI(LightningCLI):
+    """LightningCLI with one-line errors for bad options, and path checks before anything heavy is built."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and not os.path.isfile(ckpt_path):
+            raise ConfigError(f"--ckpt_path {ckpt_path!r} does not exist; pass a .ckpt file written by fit "
+                              "(see the checkpoints/ folder of the run)")
+
+
+def main(args: list[str] | None = None) -> None:
+    torch.set_float32_matmul_precision("high")
+    try:
+        DimbaCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
