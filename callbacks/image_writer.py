@@ -15,10 +15,17 @@ class ImageWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        os.makedirs(self.output_dir, exist_ok=True)
+    def _index_path(self, trainer) -> str:
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        with open(os.path.join(self.output_dir, f"prompts{suffix}.jsonl"), "a", encoding="utf-8") as index_file:
+        return os.path.join(self.output_dir, f"prompts{suffix}.jsonl")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        """Start a fresh prompt index; images of the same index are overwritten."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        open(self._index_path(trainer), "w").close()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        with open(self._index_path(trainer), "a", encoding="utf-8") as index_file:
             for image, caption, index in zip(prediction["images"], prediction["caption"], prediction["index"]):
                 name = f"{int(index):05d}.png"
                 save_image((image.float().cpu() + 1) / 2, os.path.join(self.output_dir, name))

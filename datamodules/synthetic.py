@@ -13,7 +13,7 @@ The world is kept deliberately easy to learn, and easy to read back by pixel ana
 - three shapes with distinct fill ratios of their bounding box (square 1, circle ~0.79,
   triangle 0.5; the triangle always points up);
 - shapes are placed with a small jitter around their grid cell's centre and kept inside the
-  image, large shapes span 40% and small ones 24% of the shorter image side;
+  image, large shapes span 45% and small ones 30% of the shorter image side;
 - the background is always ``BACKGROUND``, a neutral light grey.
 
 All randomness comes from ``random.Random`` instances. Dataset items use one seeded from a
@@ -55,7 +55,7 @@ SIZES: tuple[str, ...] = ("small", "large")
 
 BACKGROUND: tuple[int, int, int] = (225, 225, 225)
 # Side length of a shape's bounding box as a fraction of the shorter image side.
-SIZE_FRACTIONS: dict[str, float] = {"small": 0.24, "large": 0.40}
+SIZE_FRACTIONS: dict[str, float] = {"small": 0.30, "large": 0.45}
 # Largest offset of a shape's centre from its cell centre, as a fraction of each image axis.
 JITTER = 0.04
 # Smallest gap between a shape and the image border, as a fraction of each image axis.

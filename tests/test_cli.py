@@ -24,7 +24,8 @@ def test_fit_test_predict(in_tmp):
     weights = ckpt["state_dict"]
     assert weights and all(k.startswith("model.") for k in weights), "frozen encoders must not be checkpointed"
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
-    assert ema["num_updates"] == 4 and set(ema["shadow"]) == {k[len("model."):] for k in weights}
+    buffers = {"model.y_embedder.y_embedding"}  # the fixed null caption is a buffer, not averaged
+    assert ema["num_updates"] == 4 and set(ema["shadow"]) == {k[len("model."):] for k in set(weights) - buffers}
     assert any(not torch.equal(ema["shadow"][k[6:]], v) for k, v in weights.items()), "EMA must differ from raw"
 
     run_dir = "logs/tiny/version_0"
@@ -33,10 +34,12 @@ def test_fit_test_predict(in_tmp):
     assert {"train/loss", "val/loss", "lr-AdamW"} <= set(events.Tags()["scalars"])
     assert "samples" in events.Tags()["images"]
 
+    main(["validate", *BASE, "--ckpt_path", "ckpt/last.ckpt"])
+    assert "val/loss" in EventAccumulator("logs/tiny/version_1").Reload().Tags()["scalars"]
     main(["test", *BASE, "--ckpt_path", "ckpt/last.ckpt"])
-    scores = json.load(open("logs/tiny/version_1/test_scores.json"))
+    scores = json.load(open("logs/tiny/version_2/test_scores.json"))
     assert scores["num_images"] == 4 and set(scores["scores"]) == {"colour", "shape", "position", "size", "all"}
-    assert Image.open("logs/tiny/version_1/test_grid.png").size[0] > 16
+    assert Image.open("logs/tiny/version_2/test_grid.png").size[0] > 16
 
     with open("prompts.txt", "w") as f:
         f.write("a red circle in the top left corner\n\na big green square on the right\nblue triangle\n")
@@ -70,6 +73,12 @@ def test_callbacks_can_be_removed(in_tmp):
     main(["fit", *BASE, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
     main(["test", *BASE, "--trainer.callbacks", "[]"])
     assert os.path.isfile("logs/tiny/version_1/test_scores.json")
+
+
+def test_checkpoint_of_another_architecture(in_tmp):
+    main(["fit", *BASE, "--trainer.max_steps", "2"])
+    with pytest.raises(SystemExit, match="checkpoint does not fit this model"):
+        main(["test", *BASE, "--ckpt_path", "ckpt/last.ckpt", "--model.init_args.backbone.init_args.depth", "2"])
 
 
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

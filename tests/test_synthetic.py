@@ -80,7 +80,7 @@ def test_render_shape_range_and_colours(resolution):
 
 
 def test_render_is_antialiased_and_deterministic():
-    scene = Scene("red", "circle", "top left", "small")
+    scene = Scene("red", "circle", "center", "small")
     first = render(scene, 32, random.Random(3))
     assert torch.equal(first, render(scene, 32, random.Random(3)))
     assert not torch.equal(first, render(scene, 32, random.Random(4)))  # jitter moves it

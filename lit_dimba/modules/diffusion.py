@@ -70,7 +70,9 @@ class DiffusionModule(L.LightningModule):
         sampling: Sampling = Sampling(),
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "text_encoder", "vae", "diffusion"])
+        # Modules come from the config; sampling stays overridable for test/predict from a checkpoint (LightningCLI
+        # re-applies saved hyperparameters over the command line when --ckpt_path is given).
+        self.save_hyperparameters(ignore=["backbone", "text_encoder", "vae", "diffusion", "sampling"])
         if backbone.in_channels != vae.latent_channels:
             raise ConfigError(f"backbone.in_channels={backbone.in_channels} but the VAE gives "
                               f"{vae.latent_channels} latent channels; set backbone.in_channels={vae.latent_channels}")
@@ -108,8 +110,16 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"{field}={resolution} is not divisible by {step} (VAE factor "
                               f"{self.vae.downsample_factor} x patch {self.model.patch_size}); use a multiple of {step}")
 
+    def parameter_groups(self) -> list[dict]:
+        """``self.model``'s trainable parameters; those marked ``_no_weight_decay`` (Mamba's dt_bias, A_log, D,
+        as in mamba-ssm) in a group with weight_decay 0."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        no_decay = [p for p in params if getattr(p, "_no_weight_decay", False)]
+        groups = [{"params": [p for p in params if not getattr(p, "_no_weight_decay", False)]}]
+        return groups + [{"params": no_decay, "weight_decay": 0.0}] if no_decay else groups
+
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.model.parameters())
+        optimizer = self.optimizer(self.parameter_groups())
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
