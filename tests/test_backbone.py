@@ -106,3 +106,74 @@ def test_dit_xl2_size():
     print(f"dit-xl/2 parameters: {count:,}")
     assert math.isclose(count, 610_856_096, rel_tol=1e-3)
     assert len(model.blocks) == 28 and model.out_channels == 8
+
+
+def test_hybrid_layouts():
+    assert expand_layout("dimba", 2, dimba_ratio=2) == ["attn", "mamba_layer", "mamba_layer"] * 2
+    t2md = expand_layout("t2md", 28)
+    assert [i for i, kind in enumerate(t2md) if kind == "attn"] == [0, 7, 14, 21]
+    assert t2md[1:7] == ["mamba_h", "mamba_w"] * 3 and t2md.count("mamba_h") == t2md.count("mamba_w") == 12
+    assert set(expand_layout("mamba", 4)) == {"mamba_h", "mamba_w"}
+
+
+@pytest.mark.parametrize("preset", ["dimba-tiny", "t2md-tiny", "mamba-tiny"])
+@pytest.mark.parametrize("hw", [(8, 8), (8, 12)])
+def test_hybrid_forward_backward(preset, hw):
+    torch.manual_seed(0)
+    model = Backbone.from_preset(preset)
+    out = model(torch.randn(2, 4, *hw), torch.tensor([5, 900]), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
+    assert out.shape == (2, 8, *hw)
+    out.square().mean().backward()
+    mamba_grads = [p.grad for n, p in model.named_parameters() if ".mamba." in n]
+    assert mamba_grads and all(g is not None and torch.isfinite(g).all() for g in mamba_grads)
+
+
+def test_mamba_init_survives_the_transformer_init():
+    model = Backbone.from_preset("t2md-tiny")
+    for name, module in model.named_modules():
+        if name.endswith(".mamba"):
+            dt = torch.nn.functional.softplus(module.dt_bias)
+            assert (dt >= 1e-3 - 1e-6).all() and (dt <= 0.1 + 1e-6).all(), name
+            assert torch.equal(module.D, torch.ones_like(module.D))
+            assert (module.A_log.exp() >= 1).all() and (module.A_log.exp() <= 16).all()
+            assert module.dt_bias.abs().sum() > 0
+
+
+def test_hybrid_shares_names_with_the_teacher():
+    """Everything outside the token mixers has the same name and shape in DiT and T2MD (weight copy by name)."""
+    teacher = Backbone.from_preset("dit-tiny", depth=7).state_dict()
+    student = Backbone.from_preset("t2md-tiny").state_dict()
+    outside = {k: v.shape for k, v in student.items() if ".mixer." not in k}
+    assert outside and all(teacher[k].shape == shape for k, shape in outside.items())
+    assert all(k in student for k in teacher if ".mixer." not in k)
+    attn = [k for k in student if k.startswith("blocks.0.mixer.")]
+    assert attn and all(student[k].shape == teacher[k].shape for k in attn)
+
+
+def test_unidirectional_ablation_and_param_counts():
+    from lit_dimba.models.backbone import MambaConfig
+
+    uni = Backbone.from_preset("t2md-tiny", mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16, bidirectional=False))
+    assert not any(".fuse." in k for k in uni.state_dict())
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in Backbone.from_preset(name).parameters())
+                  for name in ("t2md", "dimba-l/2", "mamba-xl/2")}
+    print("parameters:", {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+    assert 0.7e9 < counts["t2md"] < 0.8e9
+
+
+def test_modules_check_their_layout():
+    from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
+    from lit_dimba.errors import ConfigError
+    from lit_dimba.modules import HybridStudent, TeacherDiT
+
+    text = TinyT5TextEncoder(d_model=32, max_length=16)
+    kw = dict(in_channels=3)
+    with pytest.raises(ConfigError, match="all-attention"):
+        TeacherDiT(Backbone.from_preset("t2md-tiny", **kw), text, PixelSpace())
+    with pytest.raises(ConfigError, match="Mamba mixers"):
+        HybridStudent(Backbone.from_preset("dit-tiny", **kw), text, PixelSpace())
+    student = HybridStudent(Backbone.from_preset("t2md-tiny", **kw), text, PixelSpace())
+    groups = student.configure_optimizers().param_groups
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["weight_decay"] == 0.0 and id(student.model.blocks[1].mixer.mamba.A_log) in no_decay

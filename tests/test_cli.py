@@ -59,6 +59,17 @@ def test_fit_test_predict(in_tmp):
     assert [Image.open(f).tobytes() for f in files] != first
 
 
+def test_hybrid_demo_config_trains_and_tests(in_tmp):
+    hybrid = ["--config", os.path.join(ROOT, "configs", "demo_hybrid.yaml"), "--config", TINY,
+              "--model.init_args.backbone.init_args.depth", "2",
+              "--model.init_args.backbone.init_args.layout", "[mamba_h, mamba_w]"]
+    main(["fit", *hybrid])
+    state = torch.load("ckpt/last.ckpt", weights_only=False)["state_dict"]
+    assert "model.blocks.1.mixer.mamba.A_log" in state and "model.blocks.0.mixer.fuse.weight" in state
+    main(["test", *hybrid, "--ckpt_path", "ckpt/last.ckpt"])
+    assert json.load(open("logs/tiny/version_1/test_scores.json"))["num_images"] == 4
+
+
 def test_resume_continues_step_and_ema(in_tmp):
     main(["fit", *BASE])
     main(["fit", *BASE, "--trainer.max_steps", "6", "--ckpt_path", "ckpt/last.ckpt"])

@@ -5,8 +5,17 @@ time MLP (``t_block``) produces six modulation vectors per sample, and each bloc
 ``scale_shift_table``. The layout names the token mixer of each block, so DiT (all self-attention) and the
 hybrid layouts share every module name outside the mixers, and copying weights between them is by name.
 
+Layout entries (``MIXER_KINDS``):
+- ``attn``: self-attention block (DiT / PixArt-alpha);
+- ``mamba_h`` / ``mamba_w``: the same block with a 2-D Mamba-2 scan as token mixer, height- or width-first
+  (T2MD);
+- ``mamba_layer``: Dimba's extra layer after an attention block, ``x + scan(norm(x))``, with no time or
+  text conditioning.
+
 Names and tensor layouts follow PixArt-alpha so that its checkpoints load by (renamed) key.
 """
+
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -14,29 +23,84 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_dimba.models.attention import CrossAttention, SelfAttention
 from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
+from lit_dimba.models.mamba import Mamba2, Scan2D
 
-MIXER_KINDS = ("attn",)
-LAYOUTS = ("dit",)
+MIXER_KINDS = ("attn", "mamba_h", "mamba_w", "mamba_layer")
+LAYOUTS = ("dit", "dimba", "t2md", "mamba")
+
+
+@dataclass
+class MambaConfig:
+    """Settings of every Mamba-2 mixer of a backbone (see ``lit_dimba.models.mamba.Mamba2``).
+
+    bidirectional: scan each sequence forwards and backwards with shared weights (False: the T2MD ablation).
+    kernel: "auto" (mamba-ssm on CUDA when installed, else PyTorch), "torch" or "mamba_ssm".
+    """
+
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    chunk_size: int = 256
+    bidirectional: bool = True
+    kernel: str = "auto"
+
+    def scan(self, hidden_size: int, order: str) -> Scan2D:
+        kwargs = asdict(self)
+        bidirectional = kwargs.pop("bidirectional")
+        return Scan2D(hidden_size, order, bidirectional, **kwargs)
 
 PRESETS = {
     # PixArt-alpha XL/2 at 512^2 (SD VAE latents 4 x 64 x 64, T5-XXL 120 tokens).
     "dit-xl/2": dict(layout="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
                      learn_sigma=True, caption_channels=4096, token_num=120, base_size=32),
-    # Test-sized DiT on 4-channel latents with a 32-channel text encoder.
+    # Dimba-L/2 style: 24 attention blocks (1024 wide), each followed by one bidirectional Mamba layer.
+    "dimba-l/2": dict(layout="dimba", depth=24, hidden_size=1024, num_heads=16, patch_size=2, in_channels=4,
+                      learn_sigma=True, caption_channels=4096, token_num=120, base_size=32, dimba_ratio=1),
+    # T2MD: the XL/2 teacher's width with self-attention at blocks 0, 7, 14, 21 and HM/WM Mamba-2 elsewhere.
+    "t2md": dict(layout="t2md", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
+                 learn_sigma=True, caption_channels=4096, token_num=120, base_size=32,
+                 mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
+    # T2MD ablation without self-attention: all 28 blocks are HM/WM Mamba-2.
+    "mamba-xl/2": dict(layout="mamba", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
+                       learn_sigma=True, caption_channels=4096, token_num=120, base_size=32,
+                       mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
+    # Test-sized versions on 4-channel latents with a 32-channel text encoder.
     "dit-tiny": dict(layout="dit", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
                      learn_sigma=True, caption_channels=32, token_num=16, base_size=8),
+    "dimba-tiny": dict(layout="dimba", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
+                       learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
+                       mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
+    "t2md-tiny": dict(layout="t2md", depth=7, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
+                      learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
+                      mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
+    "mamba-tiny": dict(layout="mamba", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
+                       learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
+                       mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
 }
 
 
-def expand_layout(layout: str | list[str], depth: int) -> list[str]:
-    """A layout name or an explicit per-block list -> the list of ``depth`` mixer kinds."""
+def expand_layout(layout: str | list[str], depth: int, dimba_ratio: int = 1) -> list[str]:
+    """A layout name or an explicit per-block list -> the list of block kinds.
+
+    "dit": ``depth`` attention blocks. "dimba": ``depth`` attention blocks, each followed by ``dimba_ratio``
+    Mamba layers. "t2md": ``depth`` blocks, self-attention at every 7th (0, 7, 14, 21 for 28) and alternating
+    height-first / width-first Mamba-2 blocks in between (``SA-(HM-WM)x3`` repeated). "mamba": ``depth``
+    alternating HM/WM blocks. An explicit list must have ``depth`` entries.
+    """
     if isinstance(layout, str):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or give a list of {MIXER_KINDS}")
-        return ["attn"] * depth
+        if layout == "dit":
+            return ["attn"] * depth
+        if layout == "dimba":
+            return (["attn"] + ["mamba_layer"] * dimba_ratio) * depth
+        if layout == "t2md":
+            return ["attn" if i % 7 == 0 else ("mamba_h" if i % 7 % 2 else "mamba_w") for i in range(depth)]
+        if layout == "mamba":
+            return ["mamba_h" if i % 2 == 0 else "mamba_w" for i in range(depth)]
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or give a list of {MIXER_KINDS}")
     kinds = list(layout)
     if len(kinds) != depth:
-        raise ValueError(f"layout lists {len(kinds)} mixers but depth is {depth}")
+        raise ValueError(f"layout lists {len(kinds)} blocks but depth is {depth}")
     unknown = sorted(set(kinds) - set(MIXER_KINDS))
     if unknown:
         raise ValueError(f"unknown mixer kinds {unknown} in layout; allowed: {MIXER_KINDS}")
@@ -48,10 +112,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def make_mixer(kind: str, hidden_size: int, num_heads: int) -> nn.Module:
+def make_mixer(kind: str, hidden_size: int, num_heads: int, mamba: MambaConfig) -> nn.Module:
     """A token mixer (B, N, C), grid -> (B, N, C) of the given kind."""
     if kind == "attn":
         return SelfAttention(hidden_size, num_heads)
+    if kind in ("mamba_h", "mamba_w"):
+        return mamba.scan(hidden_size, kind[-1])
     raise ValueError(f"unknown mixer kind {kind!r}; allowed: {MIXER_KINDS}")
 
 
@@ -62,11 +128,11 @@ class Block(nn.Module):
     grid (h, w) with h * w = N -> (B, N, C).
     """
 
-    def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
         super().__init__()
         self.kind = kind
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mixer = make_mixer(kind, hidden_size, num_heads)
+        self.mixer = make_mixer(kind, hidden_size, num_heads, mamba)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -81,6 +147,23 @@ class Block(nn.Module):
         x = x + self.cross_attn(x, y, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+
+class MambaLayer(nn.Module):
+    """Dimba's Mamba layer after an attention block: ``x + scan(norm(x))``, bidirectional width-first scan,
+    no time or text conditioning. Same call signature as ``Block`` (the conditioning inputs are unused).
+
+    x (B, N, C), grid (h, w) -> (B, N, C).
+    """
+
+    def __init__(self, hidden_size: int, mamba: MambaConfig):
+        super().__init__()
+        self.kind = "mamba_layer"
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mixer = mamba.scan(hidden_size, "w")
+
+    def forward(self, x, t6, y, mask, grid):
+        return x + self.mixer(self.norm(x), grid)
 
 
 class FinalLayer(nn.Module):
@@ -104,8 +187,11 @@ class Backbone(nn.Module):
     """Text-conditioned diffusion backbone over any latent grid divisible by the patch size.
 
     Args:
-        layout: "dit" (all self-attention) or a per-block list of mixer kinds.
+        layout: "dit" (all self-attention), "dimba", "t2md", "mamba" or a per-block list of ``MIXER_KINDS``
+            (see ``expand_layout``).
         depth, hidden_size, num_heads, mlp_ratio: transformer size.
+        dimba_ratio: Mamba layers after each attention block in the "dimba" layout (K in 1:K).
+        mamba: settings of the Mamba-2 mixers.
         patch_size: p; inputs need H and W divisible by p.
         in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
         caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
@@ -132,9 +218,11 @@ class Backbone(nn.Module):
         base_size: int = 32,
         pe_interpolation: float = 1.0,
         gradient_checkpointing: bool = False,
+        dimba_ratio: int = 1,
+        mamba: MambaConfig = MambaConfig(),
     ):
         super().__init__()
-        self.layout = expand_layout(layout, depth)
+        self.layout = expand_layout(layout, depth, dimba_ratio)
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -149,7 +237,10 @@ class Backbone(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, token_num)
-        self.blocks = nn.ModuleList(Block(kind, hidden_size, num_heads, mlp_ratio) for kind in self.layout)
+        self.blocks = nn.ModuleList(
+            MambaLayer(hidden_size, mamba) if kind == "mamba_layer" else Block(kind, hidden_size, num_heads, mlp_ratio, mamba)
+            for kind in self.layout
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -161,12 +252,17 @@ class Backbone(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     def initialize_weights(self):
-        """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections."""
+        """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections.
+
+        Mamba-2 mixers keep mamba-ssm's own initialisation (PyTorch-default projections, dt_bias/A_log/D from
+        ``init_ssm_parameters``); the transformer init never touches them.
+        """
 
         def basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
         w = self.x_embedder.proj.weight
@@ -176,8 +272,14 @@ class Backbone(nn.Module):
                        self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
             nn.init.normal_(linear.weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
+            if isinstance(block, Block):
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        for module in self.modules():
+            if isinstance(module, Mamba2):
+                module.in_proj.reset_parameters()
+                module.out_proj.reset_parameters()
+                module.init_ssm_parameters()
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -204,7 +306,8 @@ class Backbone(nn.Module):
 
     def forward(self, x, t, y, mask, drop_caption=None):
         grid = self.grid_size(x.shape[-2], x.shape[-1])
-        x = self.x_embedder(x) + self.pos_embed(grid, x.device)
+        x = self.x_embedder(x)
+        x = x + self.pos_embed(grid, x.device).to(x.dtype)
         t_emb = self.t_embedder(t)
         t6 = self.t_block(t_emb)
         y, mask = self.y_embedder(y, mask, drop_caption)
