@@ -33,8 +33,10 @@ def run_mamba(module: Mamba2, x: torch.Tensor):
     x = x.clone().requires_grad_()
     module.zero_grad()
     out = module(x)
-    weights = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
-    (out.float() * weights).sum().backward()
+    weights = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device,
+                          dtype=torch.float64)
+    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    (out.to(dtype) * weights.to(dtype)).sum().backward()
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in module.named_parameters()})
     return out.detach(), grads
@@ -50,6 +52,13 @@ def check(device: str, tiny: bool) -> list[tuple]:
     fused = Mamba2(d_model, kernel=fused_kernel, **cfg).to(device)
     fused.load_state_dict(ours.state_dict())
     x = torch.randn(2, length, d_model, device=device)
+    # Which path carries the fp32 error: both against our PyTorch path in float64.
+    out_64, grads_64 = run_mamba(ours.double(), x.double())
+    for name, module in (("torch", ours), (fused_kernel, fused)):
+        out, grads = run_mamba(module.float(), x)
+        errors = {k: rel_err(grads[k], grads_64[k]) for k in grads}
+        print(f"{name} fp32 vs float64 gradient rel. errors: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        rows.append((f"{name} fp32 vs torch float64", rel_err(out, out_64), max(errors.values()), 1e-3))
     for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
         a, b = ours.to(dtype), fused.to(dtype)
         out_a, grads_a = run_mamba(a, x.to(dtype))
