@@ -50,33 +50,26 @@ class MambaConfig:
         bidirectional = kwargs.pop("bidirectional")
         return Scan2D(hidden_size, order, bidirectional, **kwargs)
 
+
+# PixArt-alpha's 512^2 setting: SD-VAE latents 4 x 64 x 64, patch 2, T5-XXL features (4096 x 120 tokens).
+_FULL = dict(patch_size=2, in_channels=4, learn_sigma=True, caption_channels=4096, token_num=120, base_size=32)
+_XL = dict(_FULL, depth=28, hidden_size=1152, num_heads=16)
+# Test size: 4-channel latents, a 32-channel text encoder with 16 tokens, small Mamba-2 mixers.
+_TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4, learn_sigma=True,
+             caption_channels=32, token_num=16, base_size=8, mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16))
+
 PRESETS = {
-    # PixArt-alpha XL/2 at 512^2 (SD VAE latents 4 x 64 x 64, T5-XXL 120 tokens).
-    "dit-xl/2": dict(layout="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
-                     learn_sigma=True, caption_channels=4096, token_num=120, base_size=32),
+    "dit-xl/2": dict(_XL, layout="dit"),  # PixArt-alpha XL/2
     # Dimba-L/2 style: 24 attention blocks (1024 wide), each followed by one bidirectional Mamba layer.
-    "dimba-l/2": dict(layout="dimba", depth=24, hidden_size=1024, num_heads=16, patch_size=2, in_channels=4,
-                      learn_sigma=True, caption_channels=4096, token_num=120, base_size=32, dimba_ratio=1),
-    # T2MD: the XL/2 teacher's width with self-attention at blocks 0, 7, 14, 21 and HM/WM Mamba-2 elsewhere.
-    "t2md": dict(layout="t2md", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
-                 learn_sigma=True, caption_channels=4096, token_num=120, base_size=32,
-                 mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
+    "dimba-l/2": dict(_FULL, layout="dimba", depth=24, hidden_size=1024, num_heads=16, dimba_ratio=1),
+    # T2MD: the XL/2 teacher with self-attention at blocks 0, 7, 14, 21 and HM/WM Mamba-2 (d_state 256) elsewhere.
+    "t2md": dict(_XL, layout="t2md", mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
     # T2MD ablation without self-attention: all 28 blocks are HM/WM Mamba-2.
-    "mamba-xl/2": dict(layout="mamba", depth=28, hidden_size=1152, num_heads=16, patch_size=2, in_channels=4,
-                       learn_sigma=True, caption_channels=4096, token_num=120, base_size=32,
-                       mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
-    # Test-sized versions on 4-channel latents with a 32-channel text encoder.
-    "dit-tiny": dict(layout="dit", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
-                     learn_sigma=True, caption_channels=32, token_num=16, base_size=8),
-    "dimba-tiny": dict(layout="dimba", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
-                       learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
-                       mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
-    "t2md-tiny": dict(layout="t2md", depth=7, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
-                      learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
-                      mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
-    "mamba-tiny": dict(layout="mamba", depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4,
-                       learn_sigma=True, caption_channels=32, token_num=16, base_size=8,
-                       mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)),
+    "mamba-xl/2": dict(_XL, layout="mamba", mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
+    "dit-tiny": dict(_TINY, layout="dit"),
+    "dimba-tiny": dict(_TINY, layout="dimba"),
+    "t2md-tiny": dict(_TINY, layout="t2md", depth=7),
+    "mamba-tiny": dict(_TINY, layout="mamba"),
 }
 
 
