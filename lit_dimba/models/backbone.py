@@ -123,7 +123,6 @@ class Block(nn.Module):
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
         super().__init__()
-        self.kind = kind
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mixer = make_mixer(kind, hidden_size, num_heads, mamba)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
@@ -151,7 +150,6 @@ class MambaLayer(nn.Module):
 
     def __init__(self, hidden_size: int, mamba: MambaConfig):
         super().__init__()
-        self.kind = "mamba_layer"
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mixer = mamba.scan(hidden_size, "w")
 
@@ -231,7 +229,8 @@ class Backbone(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, token_num)
         self.blocks = nn.ModuleList(
-            MambaLayer(hidden_size, mamba) if kind == "mamba_layer" else Block(kind, hidden_size, num_heads, mlp_ratio, mamba)
+            MambaLayer(hidden_size, mamba) if kind == "mamba_layer"
+            else Block(kind, hidden_size, num_heads, mlp_ratio, mamba)
             for kind in self.layout
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -247,8 +246,8 @@ class Backbone(nn.Module):
     def initialize_weights(self):
         """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections.
 
-        Mamba-2 mixers keep mamba-ssm's own initialisation (PyTorch-default projections, dt_bias/A_log/D from
-        ``init_ssm_parameters``); the transformer init never touches them.
+        Mamba-2 mixers end with mamba-ssm's own initialisation: ``Mamba2.reset_parameters`` undoes the xavier
+        init of their projections and sets dt_bias/A_log/D.
         """
 
         def basic_init(module):
@@ -270,9 +269,7 @@ class Backbone(nn.Module):
                 nn.init.zeros_(block.cross_attn.proj.bias)
         for module in self.modules():
             if isinstance(module, Mamba2):
-                module.in_proj.reset_parameters()
-                module.out_proj.reset_parameters()
-                module.init_ssm_parameters()
+                module.reset_parameters()
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 

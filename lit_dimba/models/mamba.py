@@ -159,8 +159,8 @@ class Mamba2(nn.Module):
             installed, else nn.Conv1d.
 
     Initialisation: ``in_proj``, ``conv1d`` and ``out_proj`` start with PyTorch's defaults and ``norm.weight`` with
-    ones; ``dt_bias``, ``A_log`` and ``D`` get mamba-ssm's initialisation from ``init_ssm_parameters``, which a
-    model that re-initialises all its parameters (e.g. with xavier) must call again afterwards. These three carry
+    ones; ``dt_bias``, ``A_log`` and ``D`` get mamba-ssm's initialisation from ``init_ssm_parameters``; a model
+    that re-initialises all its parameters (e.g. with xavier) calls ``reset_parameters`` afterwards. These three carry
     ``_no_weight_decay = True`` as in mamba-ssm.
     """
 
@@ -210,6 +210,13 @@ class Mamba2(nn.Module):
 
         self._chunk_scan, conv = (None, None) if kernel == "torch" else _import_kernels()
         self._causal_conv = conv if 2 <= d_conv <= 4 else None  # causal-conv1d supports widths 2..4
+
+    def reset_parameters(self):
+        """mamba-ssm's initialisation of everything a surrounding model's init may overwrite: PyTorch-default
+        ``in_proj``/``out_proj`` and ``init_ssm_parameters``. A backbone calls it after its own (xavier) init."""
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        self.init_ssm_parameters()
 
     @torch.no_grad()
     def init_ssm_parameters(self):

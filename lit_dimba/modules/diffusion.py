@@ -113,10 +113,14 @@ class DiffusionModule(L.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """``self.model``'s trainable parameters; those marked ``_no_weight_decay`` (Mamba's dt_bias, A_log, D,
         as in mamba-ssm) in a group with weight_decay 0."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        no_decay = [p for p in params if getattr(p, "_no_weight_decay", False)]
-        groups = [{"params": [p for p in params if not getattr(p, "_no_weight_decay", False)]}]
-        return groups + [{"params": no_decay, "weight_decay": 0.0}] if no_decay else groups
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameter_groups())
