@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# Entry points (see README): `make demo`, `make distill-demo` (after the demo) and `make test`; all create .venv
+# on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
@@ -9,12 +10,24 @@ $(VENV)/installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: setup demo test
+DISTILL ?= runs/distill_demo
+
+.PHONY: setup demo distill-demo test
 setup: $(VENV)/installed
 
 demo: setup
 	$(PY) main.py fit --config configs/demo.yaml
 	$(PY) main.py test --config configs/demo.yaml --ckpt_path $(RUN)/checkpoints/last.ckpt
+
+$(RUN)/checkpoints/last.ckpt:
+	$(MAKE) demo
+
+# T2MD on the demo: teacher forcing, then feature KD from its student; score and export the student.
+distill-demo: setup $(RUN)/checkpoints/last.ckpt
+	$(PY) main.py fit --config configs/distill/demo.yaml --config configs/distill/demo_forcing.yaml
+	$(PY) main.py fit --config configs/distill/demo.yaml
+	$(PY) main.py test --config configs/distill/demo.yaml --ckpt_path $(DISTILL)/kd/checkpoints/last.ckpt
+	$(PY) -m lit_dimba.export $(DISTILL)/kd/checkpoints/last.ckpt $(DISTILL)/export
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -51,13 +51,24 @@ class DimbaCLI(LightningCLI):
                               "(see the checkpoints/ folder of the run)")
 
 
+def config_error_in(error: BaseException | None) -> ConfigError | None:
+    """Our ConfigError, raised directly or while jsonargparse instantiated a class (it re-raises it as the cause
+    of a ValueError), or None."""
+    while error is not None and not isinstance(error, ConfigError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     try:
         DimbaCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:
+        cause = config_error_in(error)
+        if cause is None:
+            raise
+        sys.exit(f"error: {cause}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GPU checks and timings of the hybrid backbone (one script for issue [2/7]); prints short tables.
+"""GPU checks and timings of the hybrid backbone and its distillation; prints short tables.
 
 Parts (``--parts``, default all):
   check    Mamba2 kernel paths: our PyTorch chunked SSD vs mamba-ssm's Triton kernels (same weights, same
@@ -8,6 +8,9 @@ Parts (``--parts``, default all):
            at 512^2 .. 4096^2 (SD-VAE latents f8, patch 2).
   train    training-step throughput (images/s) and peak memory (bf16 autocast, AdamW) at 512^2 and 2048^2;
            gradient checkpointing from 2048^2 up (t2md does not fit 80 GB at 2048^2 without it).
+  distill  T2MD distillation steps (``DistillModule``: a dit-xl/2 teacher with random weights into the t2md
+           student), stage ``forcing`` and stage ``kd`` (mixers trainable), images/s and peak memory, for each
+           ``--train`` setting.
 
 Every shape is run once untimed first (Triton autotunes on first use), then timed with CUDA events.
 
@@ -16,12 +19,17 @@ Every shape is run once untimed first (Triton autotunes on first use), then time
 """
 
 import argparse
+import os
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
+from safetensors.torch import save_file
 
 from lit_dimba.models.backbone import Backbone, MambaConfig
 from lit_dimba.models.mamba import Mamba2
+from lit_dimba.modules import DistillModule
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,6 +112,22 @@ def timed(fn, device: str, iters: int) -> float:
     return (time.perf_counter() - begin) * 1000 / iters
 
 
+def timed_training(loss_fn, optimizer, device: str, iters: int) -> tuple[float, float]:
+    """(ms per training step, peak GiB) of ``loss_fn`` under bf16 autocast + backward + optimizer step."""
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = timed(step, device, iters)
+    return ms, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
 def build(preset: str, device: str, tiny: bool, **overrides) -> Backbone:
     if tiny:
         small = dict(depth=2, hidden_size=64, num_heads=2, caption_channels=32, token_num=16)
@@ -136,18 +160,7 @@ def train(presets, settings, device: str, tiny: bool, iters: int) -> list[tuple]
             model = build(preset, device, tiny, gradient_checkpointing=resolution >= 2048).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             inputs = latent_inputs(model, batch, resolution, device)
-
-            def step():
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                    loss = model(*inputs).float().square().mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ms = timed(step, device, iters)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            ms, peak = timed_training(lambda: model(*inputs).float().square().mean(), optimizer, device, iters)
             rows.append((preset, f"{resolution}^2", batch, model.gradient_checkpointing, batch * 1000 / ms, peak))
             print(f"train {preset} {resolution} x{batch}: {batch * 1000 / ms:.2f} img/s, {peak:.1f} GiB", flush=True)
             del model, optimizer
@@ -156,9 +169,45 @@ def train(presets, settings, device: str, tiny: bool, iters: int) -> list[tuple]
     return rows
 
 
+def distill(settings, device: str, tiny: bool, iters: int) -> list[tuple]:
+    """Time DistillModule's two stages on random latents and text features (no encoders are run)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        teacher_path = os.path.join(folder, "teacher.safetensors")
+        save_file(build("dit-xl/2", "cpu", tiny).state_dict(), teacher_path)
+        for resolution, batch in settings:
+            for stage in ("forcing", "kd"):
+                student = build("t2md", "cpu", tiny, gradient_checkpointing=resolution >= 2048)
+                # Stand-ins with the sizes DiffusionModule checks: latents and text features are fed directly.
+                text = SimpleNamespace(hidden_size=student.caption_channels, max_length=student.token_num)
+                vae = SimpleNamespace(latent_channels=student.in_channels, downsample_factor=8)
+                module = DistillModule(student, build("dit-xl/2", "cpu", tiny), teacher_path, text, vae,
+                                       stage=stage, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5)).to(device)
+                module.train()
+                optimizer = module.configure_optimizers()
+                x0, t, y, mask = latent_inputs(student, batch, resolution, device)
+                noise = torch.randn_like(x0)
+                x_t = module.diffusion.add_noise(x0, noise, t)
+                drop = torch.zeros(batch, dtype=torch.bool, device=device)
+
+                def loss_fn():
+                    if stage == "forcing":
+                        return module.forcing_losses(x_t, t, y, mask, drop)["loss"]
+                    return module.kd_losses(x0, noise, x_t, t, y, mask, drop)["loss"]
+
+                ms, peak = timed_training(loss_fn, optimizer, device, iters)
+                trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad) / 1e6
+                rows.append((stage, f"{resolution}^2", batch, trained, batch * 1000 / ms, peak))
+                print(f"distill {stage} {resolution} x{batch}: {batch * 1000 / ms:.2f} img/s, {peak:.1f} GiB", flush=True)
+                del module, optimizer
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["check", "latency", "train"])
+    parser.add_argument("--parts", nargs="+", default=["check", "latency", "train", "distill"])
     parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md", "dimba-l/2"])
     parser.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     parser.add_argument("--train", nargs="+", default=["512x8", "2048x1"], help="RESOLUTIONxBATCH")
@@ -186,6 +235,12 @@ def main():
         print("\n| backbone | image | batch | grad. checkpointing | images/s | peak GiB |\n|---|---|---:|---|---:|---:|")
         for preset, image, batch, ckpt, ips, peak in rows:
             print(f"| {preset} | {image} | {batch} | {'yes' if ckpt else 'no'} | {ips:.2f} | {peak:.1f} |")
+    if "distill" in args.parts:
+        settings = [tuple(int(v) for v in s.split("x")) for s in args.train]
+        rows = distill(settings, args.device, args.tiny, args.iters)
+        print("\n| stage | image | batch | trained M params | images/s | peak GiB |\n|---|---|---:|---:|---:|---:|")
+        for stage, image, batch, trained, ips, peak in rows:
+            print(f"| {stage} | {image} | {batch} | {trained:.1f} | {ips:.2f} | {peak:.1f} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from lit_dimba.models.backbone import Backbone, expand_layout
+from lit_dimba.models.backbone import Backbone, MambaConfig, expand_layout
 from lit_dimba.models.embeddings import sincos_2d
 
 
@@ -151,8 +152,6 @@ def test_hybrid_shares_names_with_the_teacher():
 
 
 def test_unidirectional_ablation_and_param_counts():
-    from lit_dimba.models.backbone import MambaConfig
-
     uni = Backbone.from_preset("t2md-tiny", mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16, bidirectional=False))
     assert not any(".fuse." in k for k in uni.state_dict())
     with torch.device("meta"):
@@ -177,3 +176,12 @@ def test_modules_check_their_layout():
     groups = student.configure_optimizers().param_groups
     no_decay = {id(p) for p in groups[1]["params"]}
     assert groups[1]["weight_decay"] == 0.0 and id(student.model.blocks[1].mixer.mamba.A_log) in no_decay
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "dimba-tiny", "t2md-tiny"])
+def test_config_rebuilds_the_same_network(preset):
+    model = Backbone.from_preset(preset, mamba=MambaConfig(d_state=8, headdim=16, bidirectional=False))
+    model.pe_interpolation = 2.0  # as a resolution callback would
+    again = Backbone.from_config(yaml.safe_load(yaml.safe_dump(model.config)))  # through YAML, as exported
+    assert again.layout == model.layout and again.pe_interpolation == 2.0
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_dimba.export import main as export_main
 from main import main
 from tests.conftest import DEMO, ROOT, TINY
 
@@ -92,12 +94,87 @@ def test_checkpoint_of_another_architecture(in_tmp):
         main(["test", *BASE, "--ckpt_path", "ckpt/last.ckpt", "--model.init_args.backbone.init_args.depth", "2"])
 
 
-@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
-def test_print_config(config, capsys):
+DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
+FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
+TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
+# Configs that stand alone, and those that override one of them (stage 1, ablation rows).
+T2MD = os.path.join(ROOT, "configs", "distill", "t2md_512.yaml")
+STANDALONE = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [DISTILL, T2MD]
+# (override, the config it applies to)
+OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
+    (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))]
+
+
+def printed_config(capsys, *configs) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
+        main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "class_path" in capsys.readouterr().out
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_config_file_is_tested():
+    every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    assert sorted(every) == sorted(STANDALONE + [override for override, _ in OVERRIDES])
+
+
+@pytest.mark.parametrize("config", STANDALONE)
+def test_print_config(config, capsys):
+    assert "class_path" in printed_config(capsys, config)["model"]
+
+
+@pytest.mark.parametrize("override,base_config", OVERRIDES)
+def test_distill_overrides_apply(override, base_config, capsys):
+    """Each ablation row / stage file changes what it says it changes on top of its distillation config."""
+    base = printed_config(capsys, base_config)
+    merged = printed_config(capsys, base_config, override)
+    wanted = yaml.safe_load(open(override))
+
+    def check(want, got, where):
+        for key, value in want.items():
+            if isinstance(value, dict):
+                check(value, got[key], f"{where}.{key}")
+            else:
+                assert got[key] == value, f"{where}.{key}"
+
+    check(wanted, merged, "config")
+    assert merged != base
+    assert merged["model"]["init_args"]["teacher"] == base["model"]["init_args"]["teacher"]
+
+
+def test_distill_stages_export_and_student_test(in_tmp):
+    """Teacher fit -> stage 1 (forcing) -> stage 2 (KD from stage 1) -> resume -> test -> export -> the exported
+    student tested through HybridStudent's config."""
+    main(["fit", *BASE, "--model.init_args.backbone.init_args.depth", "2"])
+    main(["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL])
+    forcing = torch.load("logs/tiny_distill/forcing/checkpoints/last.ckpt", weights_only=True)
+    assert forcing["teacher"]["checkpoint"] == "ckpt/last.ckpt"
+    assert all(k.startswith("model.") for k in forcing["state_dict"]), "the teacher is not saved"
+    shadow = forcing["callbacks"]["EMA"]["shadow"]
+    assert set(shadow) == {k[len("model."):] for k in forcing["state_dict"]} - {"y_embedder.y_embedding"}, \
+        "the EMA averages the student only"
+    scalars = EventAccumulator("logs/tiny_distill/forcing").Reload().Tags()["scalars"]
+    assert {"train/forcing/block01", "train/loss", "val/forcing/block01"} <= set(scalars)
+
+    distill = ["--config", DISTILL, "--config", TINY_DISTILL,
+               "--model.init_args.init_student", "logs/tiny_distill/forcing/checkpoints/last.ckpt"]
+    main(["fit", *distill])
+    kd_path = "logs/tiny_distill/kd/checkpoints/last.ckpt"
+    kd = torch.load(kd_path, weights_only=True)
+    scalars = EventAccumulator("logs/tiny_distill/kd").Reload().Tags()["scalars"]
+    assert {"train/diffusion", "train/teacher_eps", "train/mixer_features", "train/loss"} <= set(scalars)
+    main(["fit", *distill, "--trainer.max_steps", "6", "--ckpt_path", kd_path])
+    assert torch.load(kd_path, weights_only=True)["global_step"] == 6
+
+    main(["test", *distill, "--ckpt_path", kd_path])
+    assert json.load(open("logs/tiny_distill/kd/test_scores.json"))["num_images"] == 4
+
+    export_main([kd_path, "export"])
+    assert sorted(os.listdir("export")) == ["backbone.yaml", "model.safetensors", "student.ckpt"]
+    hybrid = ["--config", os.path.join(ROOT, "configs", "demo_hybrid.yaml"), "--config", TINY,
+              "--model.init_args.backbone", "export/backbone.yaml", "--trainer.logger.init_args.name", "exported"]
+    main(["test", *hybrid, "--ckpt_path", "export/student.ckpt"])
+    assert json.load(open("logs/exported/version_0/test_scores.json"))["num_images"] == 4
+    assert kd["global_step"] == 4
 
 
 def run_cli(tmp_path, *args):
@@ -111,6 +188,10 @@ def run_cli(tmp_path, *args):
     (["test", *BASE, "--ckpt_path", "missing.ckpt"], "--ckpt_path 'missing.ckpt' does not exist"),
     (["predict", *BASE, "--data.init_args.predict_prompts", "nope.txt"], "prompt file 'nope.txt' does not exist"),
     (["fit", *BASE, "--model.init_args.backbone.init_args.nope", "3"], "nope"),
+    (["fit", "--config", DISTILL, "--config", TINY_DISTILL, "--model.init_args.teacher_checkpoint", "gone.ckpt"],
+     "checkpoint 'gone.ckpt' does not exist"),
+    (["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL, "--model.init_args.student.init_args.layout",
+      "[attn, attn]"], "its layout has none"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, expected):
     result = run_cli(tmp_path, *args)

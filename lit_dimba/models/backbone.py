@@ -26,6 +26,7 @@ from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, Timest
 from lit_dimba.models.mamba import Mamba2, Scan2D
 
 MIXER_KINDS = ("attn", "mamba_h", "mamba_w", "mamba_layer")
+SCAN_KINDS = ("mamba_h", "mamba_w")  # the blocks whose token mixer is a Mamba scan in place of self-attention
 LAYOUTS = ("dit", "dimba", "t2md", "mamba")
 
 
@@ -118,7 +119,8 @@ class Block(nn.Module):
     """PixArt-alpha block with a pluggable token mixer.
 
     x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
-    grid (h, w) with h * w = N -> (B, N, C).
+    grid (h, w) with h * w = N -> (x (B, N, C), mixer input (B, N, C), mixer output (B, N, C)). The mixer
+    input is after norm and modulation, the output before the gate: the pair distillation matches.
     """
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
@@ -135,17 +137,19 @@ class Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t6.reshape(B, 6, C)
         ).chunk(6, dim=1)
-        x = x + gate_msa * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid)
+        mixer_in = modulate(self.norm1(x), shift_msa, scale_msa)
+        mixer_out = self.mixer(mixer_in, grid)
+        x = x + gate_msa * mixer_out
         x = x + self.cross_attn(x, y, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return x, mixer_in, mixer_out
 
 
 class MambaLayer(nn.Module):
     """Dimba's Mamba layer after an attention block: ``x + scan(norm(x))``, bidirectional width-first scan,
     no time or text conditioning. Same call signature as ``Block`` (the conditioning inputs are unused).
 
-    x (B, N, C), grid (h, w) -> (B, N, C).
+    x (B, N, C), grid (h, w) -> (x, mixer input, mixer output), each (B, N, C).
     """
 
     def __init__(self, hidden_size: int, mamba: MambaConfig):
@@ -154,7 +158,9 @@ class MambaLayer(nn.Module):
         self.mixer = mamba.scan(hidden_size, "w")
 
     def forward(self, x, t6, y, mask, grid):
-        return x + self.mixer(self.norm(x), grid)
+        mixer_in = self.norm(x)
+        mixer_out = self.mixer(mixer_in, grid)
+        return x + mixer_out, mixer_in, mixer_out
 
 
 class FinalLayer(nn.Module):
@@ -191,7 +197,12 @@ class Backbone(nn.Module):
         gradient_checkpointing: recompute each block in backward (training only).
 
     forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
-    bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W).
+    bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W); with
+    ``return_mixer_io`` also a list with one ``(mixer input, mixer output)`` pair, each (B, h * w, hidden), per
+    block (what distillation matches between teacher and student).
+
+    ``config`` holds the constructor arguments (plain Python values, with the current ``base_size`` and
+    ``pe_interpolation``, which callbacks may change), enough to rebuild the same network.
     """
 
     def __init__(
@@ -213,6 +224,13 @@ class Backbone(nn.Module):
         mamba: MambaConfig = MambaConfig(),
     ):
         super().__init__()
+        self._init_config = dict(
+            layout=layout if isinstance(layout, str) else list(layout), depth=depth, hidden_size=hidden_size,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size, in_channels=in_channels,
+            learn_sigma=learn_sigma, caption_channels=caption_channels, token_num=token_num, base_size=base_size,
+            pe_interpolation=pe_interpolation, gradient_checkpointing=gradient_checkpointing,
+            dimba_ratio=dimba_ratio, mamba=asdict(mamba),
+        )
         self.layout = expand_layout(layout, depth, dimba_ratio)
         self.hidden_size = hidden_size
         self.patch_size = patch_size
@@ -294,16 +312,29 @@ class Backbone(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, self.out_channels)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_channels, h * p, w * p)
 
-    def forward(self, x, t, y, mask, drop_caption=None):
+    @property
+    def config(self) -> dict:
+        return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Backbone":
+        """Rebuild a backbone from its ``config`` (e.g. read back from an exported ``backbone.yaml``)."""
+        return cls(**{**config, "mamba": MambaConfig(**config.get("mamba", {}))})
+
+    def forward(self, x, t, y, mask, drop_caption=None, return_mixer_io: bool = False):
         grid = self.grid_size(x.shape[-2], x.shape[-1])
         x = self.x_embedder(x)
         x = x + self.pos_embed(grid, x.device).to(x.dtype)
         t_emb = self.t_embedder(t)
         t6 = self.t_block(t_emb)
         y, mask = self.y_embedder(y, mask, drop_caption)
+        mixer_io = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, t6, y, mask, grid, use_reentrant=False)
+                x, mixer_in, mixer_out = checkpoint(block, x, t6, y, mask, grid, use_reentrant=False)
             else:
-                x = block(x, t6, y, mask, grid)
-        return self.unpatchify(self.final_layer(x, t_emb), grid)
+                x, mixer_in, mixer_out = block(x, t6, y, mask, grid)
+            if return_mixer_io:  # otherwise let go of them: at 4096^2 they would hold gigabytes in inference
+                mixer_io.append((mixer_in, mixer_out))
+        out = self.unpatchify(self.final_layer(x, t_emb), grid)
+        return (out, mixer_io) if return_mixer_io else out

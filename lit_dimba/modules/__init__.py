@@ -1,7 +1,8 @@
-"""LightningModules: the shared diffusion base, the teacher DiT and the hybrid student."""
+"""LightningModules: the shared diffusion base, the teacher DiT, the hybrid student and the distillation wrapper."""
 
 from lit_dimba.modules.diffusion import DiffusionModule, Sampling
+from lit_dimba.modules.distill import DistillModule
 from lit_dimba.modules.student import HybridStudent
 from lit_dimba.modules.teacher import TeacherDiT
 
-__all__ = ["DiffusionModule", "HybridStudent", "Sampling", "TeacherDiT"]
+__all__ = ["DiffusionModule", "DistillModule", "HybridStudent", "Sampling", "TeacherDiT"]

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
 from datamodules.synthetic import Scene
+from lit_dimba.checkpoints import describe_names, mismatched_tensors
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
@@ -25,7 +26,6 @@ from lit_dimba.errors import ConfigError
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
 
-FROZEN_PREFIXES = ("text_encoder.", "vae.")
 SCORED_ATTRIBUTES = ("colour", "shape", "position", "size", "all")
 
 
@@ -56,7 +56,16 @@ class DiffusionModule(L.LightningModule):
         caption_dropout: probability of replacing a caption by the null caption in training (for CFG).
         optimizer, lr_scheduler: built on ``self.model``'s parameters only; the scheduler steps every batch.
         sampling: sampler, steps, guidance scale, seed and size for generation.
+
+    Checkpoints hold ``self.model``'s tensors and its constructor arguments (``backbone_config``), never the
+    frozen submodules named in ``frozen_prefixes``.
     """
+
+    # Built from the config, not saved as hyperparameters: LightningCLI re-applies a checkpoint's saved
+    # hyperparameters over the command line when --ckpt_path is given, so these stay overridable (e.g. sampling
+    # for test/predict from a checkpoint).
+    not_hyperparameters = ("backbone", "text_encoder", "vae", "diffusion", "sampling")
+    frozen_prefixes = ("text_encoder.", "vae.")
 
     def __init__(
         self,
@@ -70,9 +79,7 @@ class DiffusionModule(L.LightningModule):
         sampling: Sampling = Sampling(),
     ):
         super().__init__()
-        # Modules come from the config; sampling stays overridable for test/predict from a checkpoint (LightningCLI
-        # re-applies saved hyperparameters over the command line when --ckpt_path is given).
-        self.save_hyperparameters(ignore=["backbone", "text_encoder", "vae", "diffusion", "sampling"])
+        self.save_hyperparameters(ignore=list(self.not_hyperparameters))
         if backbone.in_channels != vae.latent_channels:
             raise ConfigError(f"backbone.in_channels={backbone.in_channels} but the VAE gives "
                               f"{vae.latent_channels} latent channels; set backbone.in_channels={vae.latent_channels}")
@@ -128,16 +135,19 @@ class DiffusionModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["backbone_config"] = self.model.config
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another architecture with the list of tensors that differ."""
-        own = {k: v.shape for k, v in self.state_dict().items()}
-        theirs = checkpoint["state_dict"]
-        differ = [k for k in own if k not in theirs or tuple(theirs[k].shape) != tuple(own[k])]
-        differ += [k for k in theirs if k not in own]
+        differ = mismatched_tensors(self, checkpoint["state_dict"])
         if differ:
-            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-            raise ConfigError(f"the checkpoint does not fit this model ({len(differ)} tensors differ: {shown}); "
-                              "build the model with the config the checkpoint was trained with")
+            theirs = checkpoint.get("backbone_config")
+            hint = (f"the checkpoint's backbone has layout {theirs['layout']!r}, depth {theirs['depth']}, "
+                    f"hidden_size {theirs['hidden_size']}; " if theirs else "")
+            raise ConfigError(f"the checkpoint does not fit this model ({len(differ)} tensors differ: "
+                              f"{describe_names(differ)}); {hint}build the model with the config the checkpoint "
+                              "was trained with")
 
     # -------------------------------------------------------------------------------------------- training
     @torch.no_grad()
@@ -147,14 +157,18 @@ class DiffusionModule(L.LightningModule):
         features, mask = self.text_encoder(batch["caption"])
         return latents, features, mask
 
-    def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
-        """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
-        x0, y, mask = self.encode_batch(batch)
+    def noise_batch(self, x0: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None):
+        """Random timesteps t (B,), noise and x_t (B, C, h, w) and caption-drop flags (B,) for latents x0."""
         B = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         drop = torch.rand(B, device=x0.device, generator=generator) < drop_prob
-        x_t = self.diffusion.add_noise(x0, noise, t)
+        return t, noise, self.diffusion.add_noise(x0, noise, t), drop
+
+    def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
+        """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
+        x0, y, mask = self.encode_batch(batch)
+        t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator)
         output = self.model(x_t, t, y, mask, drop)
         return self.diffusion.training_losses(output, x0, noise, x_t, t)
 
@@ -259,12 +273,12 @@ class DiffusionModule(L.LightningModule):
 
 
 def _drop_frozen_weights(module, state_dict, prefix, local_metadata):
-    """state_dict post-hook: frozen encoders are rebuilt from their own config, never checkpointed."""
-    for key in [k for k in state_dict if k[len(prefix):].startswith(FROZEN_PREFIXES)]:
+    """state_dict post-hook: frozen submodules are rebuilt from their own config, never checkpointed."""
+    for key in [k for k in state_dict if k[len(prefix):].startswith(module.frozen_prefixes)]:
         del state_dict[key]
 
 
 def _allow_missing_frozen_weights(module, incompatible_keys):
-    """load_state_dict post-hook: a checkpoint without frozen-encoder weights still loads strictly."""
+    """load_state_dict post-hook: a checkpoint without frozen submodules' weights still loads strictly."""
     missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+    missing[:] = [k for k in missing if not k.startswith(module.frozen_prefixes)]

@@ -1,0 +1,18 @@
+"""The GPU benchmark script runs end to end at tiny size on the CPU and prints its tables."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_hybrid_gpu_script_smoke():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
+         "--parts", "latency", "train", "distill", "--presets", "t2md", "--resolutions", "64", "--train", "64x2",
+         "--iters", "1"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| t2md | 64^2 | 16 |" in result.stdout
+    assert "| forcing | 64^2 | 2 |" in result.stdout and "| kd | 64^2 | 2 |" in result.stdout
