@@ -3,12 +3,17 @@
 A *source* provides the data; the DataModule owns resolution, batching, workers and seeds. A source
 subclasses ``CaptionImageSource``:
 
-- ``train_dataset(resolution) -> Dataset`` and ``val_dataset(resolution) -> Dataset`` whose items are
-  ``{"image": (3, H, W) float in [-1, 1], "caption": str}``;
+- ``train_dataset(resolution, rank, world_size) -> Dataset`` and ``val_dataset(resolution) -> Dataset`` whose
+  items are ``{"image": (3, H, W) float in [-1, 1], "caption": str}``, plus ``"skipped"`` (bad records passed
+  over before this one) from the real-data sources; an empty caption means an unconditional sample. A
+  map-style training set is split over ranks by Lightning's sampler; a stream splits itself by ``rank``;
 - ``test_prompts() -> list[dict]``: held-out prompts ``{"caption": str, ...}``, optionally with the scene
   attributes (``colour``, ``shape``, ``position``, ``size``) that the prompt-following score checks.
 
 Test and predict batches are prompts, not images: ``{"caption", "index", "height", "width", ...}``.
+
+The training loader is torchdata's ``StatefulDataLoader``: Lightning saves its position in every checkpoint, so
+``--ckpt_path`` resumes mid-epoch with the batch the next step would have seen.
 """
 
 import os
@@ -16,8 +21,10 @@ from abc import ABC, abstractmethod
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from datamodules.buckets import BucketBatchSampler, bucket_sizes
 from lit_dimba.errors import ConfigError
 
 
@@ -25,8 +32,12 @@ class CaptionImageSource(ABC):
     """Where caption-image pairs come from; chosen in YAML by ``class_path``."""
 
     @abstractmethod
-    def train_dataset(self, resolution: int) -> Dataset:
-        """Items ``{"image": (3, resolution, resolution) float in [-1, 1], "caption": str}``."""
+    def train_dataset(self, resolution: int, rank: int = 0, world_size: int = 1,
+                      buckets: list[tuple[int, int]] | None = None) -> Dataset:
+        """Items ``{"image": (3, resolution, resolution) float in [-1, 1], "caption": str}``; an iterable
+        dataset yields only rank ``rank`` of ``world_size``'s share. With ``buckets`` (a table of (height, width)
+        sizes) each item is resized and cropped to its nearest bucket instead, and the dataset has ``bucket_of``
+        (the bucket index of each item); sources that cannot do this raise a ConfigError."""
 
     @abstractmethod
     def val_dataset(self, resolution: int) -> Dataset:
@@ -63,6 +74,16 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
+def check_usable(dataset: Dataset) -> None:
+    """Stop before training when the first training item cannot be produced (e.g. every image is unreadable)."""
+    try:
+        first = dataset[0] if not isinstance(dataset, IterableDataset) else next(iter(dataset), None)
+    except RuntimeError as error:
+        raise ConfigError(f"the training data has no usable samples at its start: {error}") from error
+    if first is None:
+        raise ConfigError("the training data is empty; check data.source")
+
+
 class CaptionImageDataModule(L.LightningDataModule):
     """Caption-image batches from a source at a given pixel resolution.
 
@@ -73,6 +94,11 @@ class CaptionImageDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle order.
         predict_prompts: a text file (one prompt per line) or a list of prompts for ``predict``.
+        buckets: train on aspect-ratio buckets of about ``resolution``^2 pixels (sizes multiples of
+            ``bucket_multiple``, which must be a multiple of the VAE factor x patch size; long/short side at most
+            ``bucket_max_ratio``) instead of square crops. Every batch holds one bucket and every rank gets the same
+            number of batches; with several devices set ``trainer.use_distributed_sampler: false`` (the bucket
+            sampler splits the batches over ranks itself).
     """
 
     def __init__(
@@ -84,6 +110,9 @@ class CaptionImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         predict_prompts: str | list[str] | None = None,
+        buckets: bool = False,
+        bucket_multiple: int = 32,
+        bucket_max_ratio: float = 2.0,
     ):
         super().__init__()
         if not isinstance(resolution, int) or resolution <= 0:
@@ -95,15 +124,27 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.predict_prompts = predict_prompts
+        self.buckets = bucket_sizes(resolution, bucket_multiple, bucket_max_ratio) if buckets else None
+        self.bucket_multiple = bucket_multiple
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, loader=DataLoader) -> DataLoader:
+        shuffle = shuffle and not isinstance(dataset, IterableDataset)  # streams shuffle themselves
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle)
+        return loader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.source.train_dataset(self.resolution), self.batch_size, shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if self.buckets is None:
+            dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size)
+            check_usable(dataset)
+            return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader)
+        dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size, buckets=self.buckets)
+        check_usable(dataset)
+        sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
+        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.source.val_dataset(self.resolution), self.val_batch_size, shuffle=False)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from datamodules.caption_image import CaptionImageSource
+from lit_dimba.errors import ConfigError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -328,7 +329,10 @@ class SyntheticShapesSource(CaptionImageSource):
         self.heldout_fraction = heldout_fraction
         self.num_test_prompts = num_test_prompts
 
-    def train_dataset(self, resolution: int) -> SyntheticShapes:
+    def train_dataset(self, resolution: int, rank: int = 0, world_size: int = 1,
+                      buckets: list[tuple[int, int]] | None = None) -> SyntheticShapes:
+        if buckets:
+            raise ConfigError("the synthetic source renders square images only; set data.buckets: false")
         return SyntheticShapes(self.num_train, resolution, self.seed, "train", self.heldout_fraction)
 
     def val_dataset(self, resolution: int) -> SyntheticShapes:

@@ -102,7 +102,9 @@ T2MD = os.path.join(ROOT, "configs", "distill", "t2md_512.yaml")
 STANDALONE = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [DISTILL, T2MD]
 # (override, the config it applies to)
 OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
-    (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))]
+    (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))] + [
+    (data, os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml"))
+    for data in sorted(glob.glob(os.path.join(ROOT, "configs", "data", "*.yaml")))]
 
 
 def printed_config(capsys, *configs) -> dict:
@@ -124,7 +126,7 @@ def test_print_config(config, capsys):
 
 @pytest.mark.parametrize("override,base_config", OVERRIDES)
 def test_distill_overrides_apply(override, base_config, capsys):
-    """Each ablation row / stage file changes what it says it changes on top of its distillation config."""
+    """Each ablation row / stage / data file changes what it says it changes on top of its config."""
     base = printed_config(capsys, base_config)
     merged = printed_config(capsys, base_config, override)
     wanted = yaml.safe_load(open(override))
@@ -138,7 +140,7 @@ def test_distill_overrides_apply(override, base_config, capsys):
 
     check(wanted, merged, "config")
     assert merged != base
-    assert merged["model"]["init_args"]["teacher"] == base["model"]["init_args"]["teacher"]
+    assert merged["model"]["init_args"].get("teacher") == base["model"]["init_args"].get("teacher")
 
 
 def test_distill_stages_export_and_student_test(in_tmp):

@@ -69,15 +69,36 @@ class LatentVAE(FrozenModule):
     def encode(self, images: Tensor) -> Tensor:
         """
         :param images: [B, 3, H, W] in [-1, 1], H and W divisible by ``downsample_factor``.
-        :return: scaled latents [B, C, H / f, W / f] float32.
+        :return: scaled latents [B, C, H / f, W / f] float32: ``posterior_latents`` of ``encode_distribution``.
+        """
+        return self.posterior_latents(*self.encode_distribution(images))
+
+    @torch.no_grad()
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        The scaled Gaussian posterior of the latents (what the feature cache stores).
+
+        :param images: [B, 3, H, W] in [-1, 1], H and W divisible by ``downsample_factor``.
+        :return: mean ``(mean_z - shift_factor) * scaling_factor`` and std ``std_z * scaling_factor``, both
+            [B, C, H / f, W / f] float32.
         """
         height, width = images.shape[-2:]
         f = self.downsample_factor
         if height % f or width % f:
             raise ValueError(f"Image resolution {height}x{width} is not divisible by the VAE downsample factor {f}")
         posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        z = posterior.sample() if self.sample_posterior else posterior.mean
-        return (z.float() - self.shift_factor) * self.scaling_factor
+        mean = (posterior.mean.float() - self.shift_factor) * self.scaling_factor
+        return mean, posterior.std.float() * self.scaling_factor
+
+    def posterior_latents(self, mean: Tensor, std: Tensor) -> Tensor:
+        """
+        The latents training uses for a scaled posterior: a fresh draw ``mean + std * N(0, 1)`` if
+        ``sample_posterior``, else the mean.
+
+        :param mean, std: [B, C, h, w], as returned by ``encode_distribution``.
+        :return: [B, C, h, w] in the dtype of ``mean``.
+        """
+        return mean + std * torch.randn_like(mean) if self.sample_posterior else mean
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -98,6 +119,15 @@ class PixelSpace(FrozenModule):
     def encode(self, images: Tensor) -> Tensor:
         """:param images: [B, 3, H, W] in [-1, 1]. :return: the same images as float32."""
         return images.float()
+
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """:param images: [B, 3, H, W]. :return: mean (the images as float32) and std (zeros), both [B, 3, H, W]."""
+        mean = images.float()
+        return mean, torch.zeros_like(mean)
+
+    def posterior_latents(self, mean: Tensor, std: Tensor) -> Tensor:
+        """:param mean, std: [B, 3, H, W] from ``encode_distribution``. :return: ``mean`` (pixels are exact)."""
+        return mean
 
     def decode(self, latents: Tensor) -> Tensor:
         """:param latents: [B, 3, H, W]. :return: the same tensor as float32."""

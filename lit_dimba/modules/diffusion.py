@@ -108,6 +108,11 @@ class DiffusionModule(L.LightningModule):
         resolution = getattr(datamodule, "resolution", None)
         if resolution is not None:
             self.check_resolution(resolution, "data.resolution")
+        if getattr(datamodule, "buckets", None):
+            self.check_resolution(datamodule.bucket_multiple, "data.bucket_multiple")
+        source = getattr(datamodule, "source", None)
+        if hasattr(source, "check_encoders"):  # a feature cache must come from this model's encoders
+            source.check_encoders(self)
 
     def check_resolution(self, resolution: int | tuple[int, int], field: str) -> None:
         """Raise a ConfigError unless the pixel resolution maps to whole latent patches."""
@@ -152,28 +157,58 @@ class DiffusionModule(L.LightningModule):
     # -------------------------------------------------------------------------------------------- training
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images and captions -> latents (B, C, h, w), text features (B, L, D), mask (B, L) bool."""
-        latents = self.vae.encode(batch["image"])
+        """Images and captions -> latents (B, C, h, w), text features (B, L, D), mask (B, L) bool.
+
+        A batch from the feature cache (``datamodules.cache``) carries the VAE posterior ``latent_mean`` and
+        ``latent_std`` (B, C, h, w) instead of images, and ``text_features`` (B, L, D) and ``text_mask`` (B, L);
+        neither encoder runs then. Cached latents follow the VAE's sample policy (``vae.posterior_latents``, as
+        online): the mean, or with ``vae.sample_posterior`` a fresh draw mean + std * N(0, 1) at every step.
+        """
+        if "latent_mean" in batch:
+            latents = self.vae.posterior_latents(batch["latent_mean"], batch["latent_std"])
+        else:
+            latents = self.vae.encode(batch["image"])
+        if "text_features" in batch:
+            return latents, batch["text_features"], batch["text_mask"]
         features, mask = self.text_encoder(batch["caption"])
         return latents, features, mask
 
-    def noise_batch(self, x0: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None):
-        """Random timesteps t (B,), noise and x_t (B, C, h, w) and caption-drop flags (B,) for latents x0."""
+    def noise_batch(self, x0: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None,
+                    unconditional: torch.Tensor | None = None):
+        """Random timesteps t (B,), noise and x_t (B, C, h, w) and caption-drop flags (B,) for latents x0.
+
+        ``unconditional`` (B,) bool marks samples that always get the null caption (empty captions).
+        """
         B = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         drop = torch.rand(B, device=x0.device, generator=generator) < drop_prob
+        if unconditional is not None:
+            drop = drop | unconditional.to(drop.device)
         return t, noise, self.diffusion.add_noise(x0, noise, t), drop
+
+    @staticmethod
+    def unconditional(batch: dict) -> torch.Tensor:
+        """(B,) bool: the samples whose caption is empty, trained with the null caption."""
+        return torch.tensor([not caption for caption in batch["caption"]])
+
+    def log_skipped(self, batch: dict) -> None:
+        """Count the bad records the data source passed over (``data/skipped``: per step and summed per epoch)."""
+        if "skipped" in batch:
+            skipped = batch["skipped"].sum().float()
+            self.log("data/skipped", skipped, on_step=True, on_epoch=True, reduce_fx="sum",
+                     batch_size=len(batch["caption"]))
 
     def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
         """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
         x0, y, mask = self.encode_batch(batch)
-        t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator)
+        t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator, self.unconditional(batch))
         output = self.model(x_t, t, y, mask, drop)
         return self.diffusion.training_losses(output, x0, noise, x_t, t)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.diffusion_losses(batch, self.caption_dropout)
+        self.log_skipped(batch)
         B = len(batch["caption"])
         for name, value in losses.items():
             self.log(f"train/{name}", value.mean(), batch_size=B, prog_bar=name == "loss")

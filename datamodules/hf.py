@@ -1,0 +1,183 @@
+"""Caption-image pairs through Hugging Face ``datasets``: a local image folder, local Parquet/Arrow/CSV files, or
+any dataset on the hub, in memory-mapped or streaming mode.
+
+An image folder is HF's ``imagefolder`` form: images plus a ``metadata.jsonl`` or ``metadata.csv`` whose
+``file_name`` column names each image and whose caption column (``caption_column``) holds its text.
+"""
+
+import os
+
+import datasets
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import Dataset
+
+from datamodules.buckets import nearest_bucket
+from datamodules.caption_image import CaptionImageSource, read_prompt_file
+from datamodules.records import BadSample, EmptyCaption, RecordDataset, RecordDecoder, RecordStream, check_columns
+from lit_dimba.errors import ConfigError
+
+
+class HFDatasetSource(CaptionImageSource):
+    """Caption-image pairs loaded with ``datasets.load_dataset``.
+
+    Args:
+        path: ``"imagefolder"`` (with ``data_dir``), a file format (``"parquet"``, ``"arrow"``, ``"csv"``, with
+            ``data_files``), a hub id (``"org/name"``) or a local dataset folder.
+        data_dir, data_files, name: passed to ``load_dataset``.
+        split: the training split; ``val_split`` the validation split. Without one, the last ``num_val``
+            training rows are held out for validation (the first ``num_val`` when streaming).
+        image_column: the image column (or candidates, first present wins); decoded here, so a corrupt or
+            missing image is skipped and logged instead of stopping training.
+        caption_column: the caption column.
+        empty_caption: ``drop`` records without a caption, or train them as ``unconditional`` samples.
+        streaming: iterate the dataset without downloading/converting it first (no length; training is bounded
+            by ``trainer.max_steps``; shuffled with a buffer of ``shuffle_buffer`` records).
+        test_prompts: a text file of prompts (one per line) for ``test``; by default the first
+            ``num_test_prompts`` validation captions.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        data_dir: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        name: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        num_val: int = 0,
+        image_column: str | list[str] = "image",
+        caption_column: str = "text",
+        empty_caption: EmptyCaption = "drop",
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        test_prompts: str | None = None,
+        num_test_prompts: int = 16,
+    ):
+        if path == "imagefolder" and (data_dir is None or not os.path.isdir(data_dir)):
+            raise ConfigError(f"data.source.data_dir={data_dir!r} is not a folder; point it at the folder holding "
+                              "the images and their metadata.jsonl / metadata.csv")
+        self.load_kwargs = dict(path=path, name=name, data_dir=data_dir, data_files=data_files, streaming=streaming)
+        self.where = data_dir or (data_files if isinstance(data_files, str) else None) or path
+        self.split = split
+        self.val_split = val_split
+        self.num_val = num_val
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.test_prompt_file = test_prompts
+        self.num_test_prompts = num_test_prompts
+        image_columns = [image_column] if isinstance(image_column, str) else list(image_column)
+        root = data_dir if path == "imagefolder" else None
+        self.decode = RecordDecoder(image_columns, caption_column, empty_caption=empty_caption, root=root)
+
+    def _load(self, split: str):
+        """The split with its image column(s) left undecoded; a clear error for a missing split or column."""
+        try:
+            records = datasets.load_dataset(**self.load_kwargs, split=split)
+        except ValueError as error:
+            if "split" in str(error).lower():
+                raise ConfigError(f"{self.where!r} has no split {split!r} (data.source.split / val_split): "
+                                  f"{error}") from error
+            raise
+        columns = records.column_names or list(records.features or {})
+        check_columns(columns, {"image_column": self.decode.image_columns,
+                                "caption_column": [self.decode.caption_column]}, repr(self.where))
+        for column in self.decode.image_columns:
+            if column in columns and isinstance(records.features.get(column), datasets.Image):
+                records = records.cast_column(column, datasets.Image(decode=False))
+        if self.decode.empty_caption == "drop":
+            caption = self.decode.caption_column
+            records = records.filter(lambda r: isinstance(r[caption], str) and bool(r[caption].strip()))
+        return records
+
+    def _check_not_empty(self, records, split: str) -> None:
+        if not self.streaming and len(records) == 0:
+            raise ConfigError(f"{self.where!r} split {split!r} has no usable samples (every caption is empty, or "
+                              "the split is empty); check the caption column or set empty_caption: unconditional")
+
+    def _splits(self):
+        """(train records, val records or None)."""
+        train = self._load(self.split)
+        if self.val_split:
+            return train, self._load(self.val_split)
+        if not self.num_val:
+            return train, None
+        if self.streaming:
+            return train.skip(self.num_val), train.take(self.num_val)
+        n = len(train)
+        if self.num_val >= n:
+            raise ConfigError(f"data.source.num_val={self.num_val} leaves no training rows of {n}; lower num_val")
+        return train.select(range(n - self.num_val)), train.select(range(n - self.num_val, n))
+
+    def bucket_of(self, records, buckets: list[tuple[int, int]]) -> list[int]:
+        """Each record's nearest aspect bucket, from ``width``/``height`` columns when the data has them, else from
+        the image header (read once, pixels not decoded; an unreadable image goes to bucket 0 and is skipped when
+        loaded)."""
+        if {"width", "height"} <= set(records.column_names):
+            return [nearest_bucket(h, w, buckets) for h, w in zip(records["height"], records["width"])]
+        assignment = []
+        for record in records:
+            try:
+                width, height = self.decode.open(record).size
+                assignment.append(nearest_bucket(height, width, buckets))
+            except BadSample:
+                assignment.append(0)
+        return assignment
+
+    def _dataset(self, records, resolution: int, train: bool, rank: int, world_size: int,
+                 buckets: list[tuple[int, int]] | None = None) -> Dataset:
+        size = (resolution, resolution)
+        if buckets:
+            if self.streaming:
+                raise ConfigError("aspect-ratio buckets need the sizes of all images up front; set "
+                                  "data.source.streaming: false or data.buckets: false")
+            bucket_of = self.bucket_of(records, buckets)
+            dataset = RecordDataset(records, self.decode, lambda i: buckets[bucket_of[i]])
+            dataset.bucket_of = bucket_of
+            return dataset
+        if self.streaming:
+            if train:
+                records = records.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+                records = split_dataset_by_node(records, rank=rank, world_size=world_size)
+            return RecordStream(records, self.decode, size, repeat=train)
+        return RecordDataset(records, self.decode, lambda i: size)
+
+    def train_dataset(self, resolution: int, rank: int = 0, world_size: int = 1,
+                      buckets: list[tuple[int, int]] | None = None) -> Dataset:
+        train, _ = self._splits()
+        self._check_not_empty(train, self.split)
+        return self._dataset(train, resolution, True, rank, world_size, buckets)
+
+    def val_dataset(self, resolution: int) -> Dataset:
+        _, val = self._splits()
+        if val is None:
+            raise ConfigError("validation needs data.source.val_split or data.source.num_val > 0 (or set "
+                              "trainer.limit_val_batches: 0)")
+        self._check_not_empty(val, self.val_split or self.split)
+        return self._dataset(val, resolution, False, 0, 1)
+
+    def test_prompts(self) -> list[dict]:
+        if self.test_prompt_file:
+            return [{"caption": p} for p in read_prompt_file(self.test_prompt_file)]
+        _, val = self._splits()
+        records = val if val is not None else self._load(self.split)
+        captions = []
+        for record in records:
+            if len(captions) == self.num_test_prompts:
+                break
+            text = record[self.decode.caption_column]
+            if isinstance(text, str) and text.strip():
+                captions.append({"caption": text.strip()})
+        return captions
+
+
+class ImageFolderSource(HFDatasetSource):
+    """A local folder of images with a ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a caption column).
+
+    Same options as ``HFDatasetSource``; ``root`` is the folder.
+    """
+
+    def __init__(self, root: str, caption_column: str = "text", **kwargs):
+        super().__init__("imagefolder", data_dir=root, caption_column=caption_column, **kwargs)
+
