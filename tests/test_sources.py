@@ -4,6 +4,8 @@ bad input, a training step from each, and mid-epoch resume."""
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import datasets
@@ -188,14 +190,16 @@ class RecordCaptions(__import__("lightning").pytorch.Callback):
             f.write(json.dumps({"step": trainer.global_step, "captions": batch["caption"]}) + "\n")
 
 
-@pytest.mark.parametrize("source", ["synthetic", "folder"])
+@pytest.mark.parametrize("source", ["synthetic", "folder", "buckets"])
 def test_resume_mid_epoch_continues_with_the_next_batch(in_tmp, source):
     extra = []
-    if source == "folder":
-        folder = image_folder(in_tmp / "folder", n=12)
+    if source in ("folder", "buckets"):
+        folder = image_folder(in_tmp / "folder", n=12, sizes=lambda i: SHAPES[i % 3])
         extra = ["--data.init_args.source", source_yaml(in_tmp, {
             "class_path": "datamodules.ImageFolderSource",
             "init_args": {"root": folder, "caption_column": "caption", "num_val": 0}})]
+    if source == "buckets":
+        extra += ["--data.init_args.buckets", "true", "--data.init_args.bucket_multiple", "4"]
     common = ["--config", DEMO, "--config", TINY, *extra, "--data.init_args.batch_size", "2",
               "--trainer.limit_val_batches", "0", "--trainer.callbacks",
               json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -248,3 +252,33 @@ def test_training_steps_on_buckets_through_the_cli(in_tmp):
     assert "train/loss" in EventAccumulator("logs/tiny/version_0").Reload().Tags()["scalars"]
     with pytest.raises(SystemExit, match="data.bucket_multiple=2 is not divisible by 4"):
         main(args + ["--data.init_args.bucket_multiple", "2"])
+
+
+DDP_SCRIPT = """
+import os, sys
+from main import main
+main(sys.argv[1:])
+open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
+"""
+
+
+def test_ddp_with_buckets_finishes_every_epoch_on_both_ranks(in_tmp):
+    """Two CPU processes (gloo) through Lightning's DDP, 2 epochs on uneven buckets: no rank waits at the end."""
+    root = image_folder(in_tmp / "data", n=16, sizes=lambda i: SHAPES[i % 3])  # buckets of 6, 5 and 5 images
+    source = source_yaml(in_tmp, {"class_path": "datamodules.ImageFolderSource",
+                                  "init_args": {"root": root, "caption_column": "caption", "num_val": 0}})
+    (in_tmp / "ddp.py").write_text(DDP_SCRIPT)
+    args = ["fit", "--config", DEMO, "--config", TINY, "--data.init_args.source", source,
+            "--data.init_args.buckets", "true", "--data.init_args.bucket_multiple", "4", "--data.init_args.batch_size",
+            "2", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "false",
+            "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "ddp.py", *args], cwd=in_tmp, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in in_tmp.glob("finished-*")) == ["finished-0", "finished-1"]
+    steps = EventAccumulator("logs/tiny/version_0").Reload().Scalars("train/loss")
+    # 3 + 2 + 2 = 7 full batches per epoch: an odd count, cut to 6 so that each rank runs 3 per epoch
+    assert steps[-1].step == 5
