@@ -2,6 +2,7 @@
 
 from callbacks.ema import EMA
 from callbacks.image_writer import ImageWriter
+from callbacks.pe_interpolation import PEInterpolation
 from callbacks.sample_logger import SampleLogger
 
-__all__ = ["EMA", "ImageWriter", "SampleLogger"]
+__all__ = ["EMA", "ImageWriter", "PEInterpolation", "SampleLogger"]

@@ -194,6 +194,8 @@ class Backbone(nn.Module):
         caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
         base_size: grid size (tokens per side) at which positions step by 1 at ``pe_interpolation`` 1.
         pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2); a callback may change it in training.
+        pe_mode: "pixart" (each axis stretched to the same range) or "centred" (centred, one step on both axes,
+            normalised by the long edge); see ``sincos_2d``.
         gradient_checkpointing: recompute each block in backward (training only).
 
     forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
@@ -201,8 +203,8 @@ class Backbone(nn.Module):
     ``return_mixer_io`` also a list with one ``(mixer input, mixer output)`` pair, each (B, h * w, hidden), per
     block (what distillation matches between teacher and student).
 
-    ``config`` holds the constructor arguments (plain Python values, with the current ``base_size`` and
-    ``pe_interpolation``, which callbacks may change), enough to rebuild the same network.
+    ``config`` holds the constructor arguments (plain Python values, with the current ``base_size``,
+    ``pe_interpolation`` and ``pe_mode``, which callbacks may change), enough to rebuild the same network.
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class Backbone(nn.Module):
         token_num: int = 120,
         base_size: int = 32,
         pe_interpolation: float = 1.0,
+        pe_mode: str = "pixart",
         gradient_checkpointing: bool = False,
         dimba_ratio: int = 1,
         mamba: MambaConfig = MambaConfig(),
@@ -228,7 +231,7 @@ class Backbone(nn.Module):
             layout=layout if isinstance(layout, str) else list(layout), depth=depth, hidden_size=hidden_size,
             num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size, in_channels=in_channels,
             learn_sigma=learn_sigma, caption_channels=caption_channels, token_num=token_num, base_size=base_size,
-            pe_interpolation=pe_interpolation, gradient_checkpointing=gradient_checkpointing,
+            pe_interpolation=pe_interpolation, pe_mode=pe_mode, gradient_checkpointing=gradient_checkpointing,
             dimba_ratio=dimba_ratio, mamba=asdict(mamba),
         )
         self.layout = expand_layout(layout, depth, dimba_ratio)
@@ -240,6 +243,9 @@ class Backbone(nn.Module):
         self.token_num = token_num
         self.base_size = base_size
         self.pe_interpolation = pe_interpolation
+        if pe_mode not in ("pixart", "centred"):
+            raise ValueError(f"pe_mode={pe_mode!r}; choose 'pixart' or 'centred'")
+        self.pe_mode = pe_mode
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -302,8 +308,8 @@ class Backbone(nn.Module):
         return height // p, width // p
 
     def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """(1, h * w, hidden) sin-cos PE for the current grid and ``pe_interpolation``."""
-        return sincos_2d(self.hidden_size, *grid, self.base_size, self.pe_interpolation, device)[None]
+        """(1, h * w, hidden) sin-cos PE of the grid at the current ``base_size``, ``pe_interpolation``, ``pe_mode``."""
+        return sincos_2d(self.hidden_size, *grid, self.base_size, self.pe_interpolation, device, self.pe_mode)[None]
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h * w, p * p * c) -> (B, c, h * p, w * p), PixArt's channel order (p, q, c)."""
@@ -314,7 +320,8 @@ class Backbone(nn.Module):
 
     @property
     def config(self) -> dict:
-        return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation}
+        return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation,
+                "pe_mode": self.pe_mode}
 
     @classmethod
     def from_config(cls, config: dict) -> "Backbone":

@@ -24,20 +24,35 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, height: int, width: int, base_size: int, pe_interpolation: float,
-              device: torch.device | None = None) -> torch.Tensor:
-    """PixArt-alpha's 2-D sin-cos positional embedding for a (height x width) token grid.
+              device: torch.device | None = None, mode: str = "pixart") -> torch.Tensor:
+    """2-D sin-cos positional embedding for a (height x width) token grid.
 
-    Grid coordinates are ``arange(n) / (n / base_size) / pe_interpolation`` per axis, so a grid of
-    ``base_size`` tokens at ``pe_interpolation = 1`` spans positions 0..base_size-1, and doubling the grid
-    with ``pe_interpolation = 2`` spans the same range at half steps. The first ``dim/2`` channels encode the
-    column (width) coordinate, the last ``dim/2`` the row (height) coordinate.
+    ``mode="pixart"`` (PixArt-alpha): coordinates are ``arange(n) / (n / base_size) / pe_interpolation`` per
+    axis, so a grid of ``base_size`` tokens at ``pe_interpolation = 1`` spans positions 0..base_size-1, and
+    doubling the grid with ``pe_interpolation = 2`` spans the same range at half steps. Each axis is stretched
+    to that range, whatever the aspect ratio.
 
-    Returns (height * width, dim) float32, tokens in row-major order (row i, column j -> i * width + j).
+    ``mode="centred"``: coordinates are centred on the middle of the grid and share one step on both axes,
+    ``(i - (n - 1) / 2) * base_size / pe_interpolation / max(height, width)``: the long edge spans what PixArt's
+    square grid spans and the short edge proportionally less, so other resolutions and aspect ratios keep the
+    geometry of training (for zero-shot higher resolutions, T2MD's last stage).
+
+    The first ``dim/2`` channels encode the column (width) coordinate, the last ``dim/2`` the row (height)
+    coordinate. Returns (height * width, dim) float32, tokens in row-major order (row i, column j -> i * width + j).
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    rows = torch.arange(height, dtype=torch.float64, device=device) / (height / base_size) / pe_interpolation
-    cols = torch.arange(width, dtype=torch.float64, device=device) / (width / base_size) / pe_interpolation
+    if mode not in ("pixart", "centred"):
+        raise ValueError(f"unknown PE mode {mode!r}; choose 'pixart' or 'centred'")
+    rows = torch.arange(height, dtype=torch.float64, device=device)
+    cols = torch.arange(width, dtype=torch.float64, device=device)
+    if mode == "pixart":
+        rows = rows / (height / base_size) / pe_interpolation
+        cols = cols / (width / base_size) / pe_interpolation
+    else:
+        step = base_size / pe_interpolation / max(height, width)
+        rows = (rows - (height - 1) / 2) * step
+        cols = (cols - (width - 1) / 2) * step
     grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
     emb_cols = sincos_1d(dim // 2, grid_cols.reshape(-1))
     emb_rows = sincos_1d(dim // 2, grid_rows.reshape(-1))
