@@ -3,6 +3,7 @@
 from callbacks.ema import EMA
 from callbacks.image_writer import ImageWriter
 from callbacks.pe_interpolation import PEInterpolation
+from callbacks.resolution_curriculum import ResolutionCurriculum
 from callbacks.sample_logger import SampleLogger
 
-__all__ = ["EMA", "ImageWriter", "PEInterpolation", "SampleLogger"]
+__all__ = ["EMA", "ImageWriter", "PEInterpolation", "ResolutionCurriculum", "SampleLogger"]

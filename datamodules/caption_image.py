@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.buckets import BucketBatchSampler, bucket_sizes
+from datamodules.curriculum import CurriculumBatchSampler, ResolutionSchedule
 from lit_dimba.errors import ConfigError
 
 
@@ -126,6 +127,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.predict_prompts = predict_prompts
         self.buckets = bucket_sizes(resolution, bucket_multiple, bucket_max_ratio) if buckets else None
         self.bucket_multiple = bucket_multiple
+        self.schedule: ResolutionSchedule | None = None  # set by callbacks.ResolutionCurriculum
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, loader=DataLoader) -> DataLoader:
         shuffle = shuffle and not isinstance(dataset, IterableDataset)  # streams shuffle themselves
@@ -136,6 +138,8 @@ class CaptionImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if self.schedule is not None:
+            return self._curriculum_loader(rank, world_size)
         if self.buckets is None:
             dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size)
             check_usable(dataset)
@@ -143,6 +147,21 @@ class CaptionImageDataModule(L.LightningDataModule):
         dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size, buckets=self.buckets)
         check_usable(dataset)
         sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
+        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0)
+
+    def _curriculum_loader(self, rank: int, world_size: int) -> StatefulDataLoader:
+        """One loader for every stage of the resolution curriculum: each batch carries its own size."""
+        if self.buckets is not None:
+            raise ConfigError("the resolution curriculum does not combine with aspect-ratio buckets yet; set "
+                              "data.buckets: false")
+        dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size)
+        if isinstance(dataset, IterableDataset):
+            raise ConfigError("the resolution curriculum needs a map-style source (not a stream): the sampler picks "
+                              "each batch's items and size")
+        check_usable(dataset)
+        sampler = CurriculumBatchSampler(len(dataset), self.schedule, self.trainer.max_steps, self.seed, rank,
+                                         world_size)
         return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                   persistent_workers=self.num_workers > 0)
 

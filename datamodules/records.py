@@ -144,12 +144,13 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        size = self.size_of(index)
+    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict:
+        """Item ``key`` at its size, or ``(index, (height, width))`` at that size (resolution curriculum)."""
+        index, size = key if isinstance(key, tuple) else (key, self.size_of(key))
         skipped = 0
         j = index
         for _ in range(len(self)):
-            if self.size_of(j) == size:
+            if isinstance(key, tuple) or self.size_of(j) == size:
                 try:
                     return {**self.decode(self.records[j], size), "skipped": skipped}
                 except BadSample as bad:

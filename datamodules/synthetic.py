@@ -275,12 +275,14 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict[str, torch.Tensor | str]:
+        """Item ``key`` at ``resolution``, or ``(index, (height, width))`` at that size (resolution curriculum)."""
+        index, size = key if isinstance(key, tuple) else (key, self.resolution)
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for SyntheticShapes of length {self.length}")
         rng = _item_rng(self.seed, self.split, index)
         scene = rng.choice(self.scenes)
-        image = render(scene, self.resolution, rng)
+        image = render(scene, size, rng)
         return {"image": image, "caption": caption(scene, rng)}
 
 

@@ -104,7 +104,10 @@ STANDALONE = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [DISTI
 OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
     (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))] + [
     (data, os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml"))
-    for data in sorted(glob.glob(os.path.join(ROOT, "configs", "data", "*.yaml")))]
+    for data in sorted(glob.glob(os.path.join(ROOT, "configs", "data", "*.yaml")))] + [
+    (os.path.join(ROOT, "configs", "curriculum", name), os.path.join(ROOT, "configs", base))
+    for name, base in (("demo.yaml", "demo.yaml"), ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
+                       ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))]
 
 
 def printed_config(capsys, *configs) -> dict:
@@ -132,11 +135,16 @@ def test_distill_overrides_apply(override, base_config, capsys):
     wanted = yaml.safe_load(open(override))
 
     def check(want, got, where):
-        for key, value in want.items():
-            if isinstance(value, dict):
-                check(value, got[key], f"{where}.{key}")
-            else:
-                assert got[key] == value, f"{where}.{key}"
+        """Every value the override sets is in the merged config (which also holds defaults; keys may be strings)."""
+        if isinstance(want, dict):
+            for key, value in want.items():
+                check(value, got[key] if key in got else got[str(key)], f"{where}.{key}")
+        elif isinstance(want, list) and want and isinstance(want[0], dict):
+            assert len(got) == len(want), where
+            for i, (w, g) in enumerate(zip(want, got)):
+                check(w, g, f"{where}[{i}]")
+        else:
+            assert got == want, where
 
     check(wanted, merged, "config")
     assert merged != base

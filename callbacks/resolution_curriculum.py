@@ -1,0 +1,70 @@
+"""Progressive / mixed-resolution training: Dimba's 256 -> 512 -> 1024, T2MD's 512 -> mixed 512/1024 -> 2048."""
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from datamodules.curriculum import ResolutionSchedule, Stage
+from lit_dimba.errors import ConfigError
+
+
+class ResolutionCurriculum(Callback):
+    """Trains each step at the resolution and batch size its stage gives (see ``datamodules.curriculum``).
+
+    In YAML::
+
+        - class_path: callbacks.ResolutionCurriculum
+          init_args:
+            stages:
+              - {until_step: 10000, resolutions: {512: 1.0}, batch_size: 64}
+              - {until_step: 50000, resolutions: {512: 0.2, 1024: 0.8}, batch_size: 16}   # mixed: drawn per batch
+              - {until_step: 70000, resolutions: {2048: 1.0}, batch_size: 4}
+
+    It hands the schedule to the DataModule before the training loader is built (one loader serves every stage,
+    so stage switches happen at exactly ``until_step``), sets ``data.resolution`` to each batch's resolution so that
+    ``PEInterpolation`` (listed after this callback) keeps the PE in step, puts the validation resolution back for
+    validation, and logs ``curriculum/stage`` and ``curriculum/resolution``. Stage and draws are functions of the
+    step, and the loader's position is checkpointed, so ``--ckpt_path`` resumes inside a stage with the same
+    sequence. Needs ``trainer.max_steps``, a map-style source without buckets, and with several devices
+    ``trainer.use_distributed_sampler: false``.
+    """
+
+    def __init__(self, stages: list[Stage], seed: int = 0):
+        self.stages = stages
+        self.seed = seed
+        self.schedule: ResolutionSchedule | None = None
+        self._val_resolution = None
+        self._train_resolution = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "schedule"):
+            raise ConfigError("ResolutionCurriculum needs data: a datamodules.CaptionImageDataModule")
+        self.schedule = ResolutionSchedule(self.stages, datamodule.batch_size, self.seed)
+        for resolution in self.schedule.resolutions():
+            pl_module.check_resolution(resolution, "ResolutionCurriculum stage resolution")
+        if stage == "fit":
+            if trainer.max_steps is None or trainer.max_steps < 0:
+                raise ConfigError("ResolutionCurriculum needs trainer.max_steps (the stages are counted in steps)")
+            if trainer.max_steps > self.stages[-1].until_step:
+                rank_zero_warn(f"trainer.max_steps={trainer.max_steps} is past the last stage's until_step; the last "
+                               "stage continues to the end")
+            datamodule.schedule = self.schedule
+            self._val_resolution = datamodule.resolution
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        stage, resolution, _ = self.schedule.at(trainer.global_step)
+        if "image" in batch:
+            resolution = batch["image"].shape[-1]
+        trainer.datamodule.resolution = resolution
+        pl_module.log("curriculum/stage", float(stage), on_step=True, on_epoch=False)
+        pl_module.log("curriculum/resolution", float(resolution), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._val_resolution is not None:
+            self._train_resolution = trainer.datamodule.resolution
+            trainer.datamodule.resolution = self._val_resolution
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._train_resolution is not None:
+            trainer.datamodule.resolution = self._train_resolution
