@@ -3,7 +3,8 @@
 from callbacks.ema import EMA
 from callbacks.image_writer import ImageWriter
 from callbacks.pe_interpolation import PEInterpolation
+from callbacks.prompt_following import PromptFollowing
 from callbacks.resolution_curriculum import ResolutionCurriculum
 from callbacks.sample_logger import SampleLogger
 
-__all__ = ["EMA", "ImageWriter", "PEInterpolation", "ResolutionCurriculum", "SampleLogger"]
+__all__ = ["EMA", "ImageWriter", "PEInterpolation", "PromptFollowing", "ResolutionCurriculum", "SampleLogger"]

@@ -34,6 +34,8 @@ class HFDatasetSource(CaptionImageSource):
             by ``trainer.max_steps``; shuffled with a buffer of ``shuffle_buffer`` records).
         test_prompts: a text file of prompts (one per line) for ``test``; by default the first
             ``num_test_prompts`` validation captions.
+        score_column, min_score: train on a curated subset only: the rows whose ``score_column`` (e.g. an
+            aesthetic score) is at least ``min_score`` (validation is filtered the same way).
     """
 
     def __init__(
@@ -53,7 +55,13 @@ class HFDatasetSource(CaptionImageSource):
         seed: int = 0,
         test_prompts: str | None = None,
         num_test_prompts: int = 16,
+        score_column: str | None = None,
+        min_score: float | None = None,
     ):
+        if (score_column is None) != (min_score is None):
+            raise ConfigError("data.source.score_column and min_score go together: set both or neither")
+        self.score_column = score_column
+        self.min_score = min_score
         if path == "imagefolder" and (data_dir is None or not os.path.isdir(data_dir)):
             raise ConfigError(f"data.source.data_dir={data_dir!r} is not a folder; point it at the folder holding "
                               "the images and their metadata.jsonl / metadata.csv")
@@ -81,8 +89,13 @@ class HFDatasetSource(CaptionImageSource):
                                   f"{error}") from error
             raise
         columns = records.column_names or list(records.features or {})
-        check_columns(columns, {"image_column": self.decode.image_columns,
-                                "caption_column": [self.decode.caption_column]}, repr(self.where))
+        wanted = {"image_column": self.decode.image_columns, "caption_column": [self.decode.caption_column]}
+        if self.score_column:
+            wanted["score_column"] = [self.score_column]
+        check_columns(columns, wanted, repr(self.where))
+        if self.score_column:
+            column, least = self.score_column, self.min_score
+            records = records.filter(lambda r: r[column] is not None and r[column] >= least)
         for column in self.decode.image_columns:
             if column in columns and isinstance(records.features.get(column), datasets.Image):
                 records = records.cast_column(column, datasets.Image(decode=False))

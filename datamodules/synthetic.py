@@ -321,10 +321,17 @@ class SyntheticShapesSource(CaptionImageSource):
         seed: seeds both streams and the caption wording of the held-out prompts.
         heldout_fraction: share of scene combinations kept out of train/val and used as test prompts.
         num_test_prompts: number of held-out prompts scored by ``test``.
+        keep: train on a curated subset only: scene attribute -> allowed values, e.g. ``{size: [large]}``
+            (validation and test prompts are unchanged).
     """
 
     def __init__(self, num_train: int = 1_000_000, num_val: int = 256, seed: int = 0,
-                 heldout_fraction: float = 0.1, num_test_prompts: int = 64):
+                 heldout_fraction: float = 0.1, num_test_prompts: int = 64, keep: dict[str, list[str]] | None = None):
+        unknown = sorted(set(keep or {}) - set(Scene.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"data.source.keep has unknown attributes {unknown}; use "
+                              f"{list(Scene.__dataclass_fields__)}")
+        self.keep = keep
         self.num_train = num_train
         self.num_val = num_val
         self.seed = seed
@@ -335,7 +342,12 @@ class SyntheticShapesSource(CaptionImageSource):
                       buckets: list[tuple[int, int]] | None = None) -> SyntheticShapes:
         if buckets:
             raise ConfigError("the synthetic source renders square images only; set data.buckets: false")
-        return SyntheticShapes(self.num_train, resolution, self.seed, "train", self.heldout_fraction)
+        dataset = SyntheticShapes(self.num_train, resolution, self.seed, "train", self.heldout_fraction)
+        if self.keep:
+            dataset.scenes = [s for s in dataset.scenes if all(getattr(s, k) in v for k, v in self.keep.items())]
+            if not dataset.scenes:
+                raise ConfigError(f"data.source.keep={self.keep} leaves no training scene; allow more values")
+        return dataset
 
     def val_dataset(self, resolution: int) -> SyntheticShapes:
         return SyntheticShapes(self.num_val, resolution, self.seed, "val", self.heldout_fraction)

@@ -107,7 +107,8 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     for data in sorted(glob.glob(os.path.join(ROOT, "configs", "data", "*.yaml")))] + [
     (os.path.join(ROOT, "configs", "curriculum", name), os.path.join(ROOT, "configs", base))
     for name, base in (("demo.yaml", "demo.yaml"), ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
-                       ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))]
+                       ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
+    (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml"))]
 
 
 def printed_config(capsys, *configs) -> dict:
@@ -209,3 +210,13 @@ def test_bad_input_gives_one_line_error(tmp_path, args, expected):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert expected in result.stderr and last.startswith("error:"), result.stderr[-2000:]
+
+
+def test_predict_at_another_size_and_aspect(in_tmp):
+    """Sampling takes any height x width the patch divides (the PE is computed for the grid)."""
+    main(["fit", *BASE, "--trainer.max_steps", "2"])
+    with open("prompts.txt", "w") as f:
+        f.write("a red circle in the top left corner\n")
+    main(["predict", *BASE, "--ckpt_path", "ckpt/last.ckpt", "--data.init_args.predict_prompts", "prompts.txt",
+          "--model.init_args.sampling.height", "16", "--model.init_args.sampling.width", "32"])
+    assert Image.open("predictions/00000.png").size == (32, 16)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
 from datamodules.synthetic import Scene
-from lit_dimba.checkpoints import describe_names, mismatched_tensors
+from lit_dimba.checkpoints import describe_names, load_backbone_state, load_exact, mismatched_tensors
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
@@ -56,6 +56,9 @@ class DiffusionModule(L.LightningModule):
         caption_dropout: probability of replacing a caption by the null caption in training (for CFG).
         optimizer, lr_scheduler: built on ``self.model``'s parameters only; the scheduler steps every batch.
         sampling: sampler, steps, guidance scale, seed and size for generation.
+        init_weights: start ``backbone`` from these weights (a ``.ckpt``, with its EMA average when it has one, or
+            an export): a fine-tune with a fresh optimizer and step count, e.g. Dimba's quality tuning. Unlike
+            ``--ckpt_path`` nothing else is restored.
 
     Checkpoints hold ``self.model``'s tensors and its constructor arguments (``backbone_config``), never the
     frozen submodules named in ``frozen_prefixes``.
@@ -77,6 +80,7 @@ class DiffusionModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         sampling: Sampling = Sampling(),
+        init_weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hyperparameters))
@@ -90,6 +94,8 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"backbone.token_num={backbone.token_num} but text_encoder.max_length="
                               f"{text_encoder.max_length}; make them equal")
         self.model = backbone
+        if init_weights:
+            load_exact(self.model, load_backbone_state(init_weights, ema=True), f"init_weights {init_weights!r}")
         self.text_encoder = text_encoder
         self.vae = vae
         self.diffusion = diffusion or GaussianDiffusion()
@@ -268,12 +274,21 @@ class DiffusionModule(L.LightningModule):
         images = self.generate_batch(batch)
         self._test_images.append(images.cpu())
         self._test_captions.extend(batch["caption"])
-        if all(k in batch for k in ("colour", "shape", "position", "size")):
-            scenes = [Scene(*attributes) for attributes in
-                      zip(batch["colour"], batch["shape"], batch["position"], batch["size"])]
-            for key, correct in judge(images.cpu(), scenes).items():
-                self._test_correct[key] += correct.sum().to(self.device)
-            self._test_count += len(scenes)
+        correct = self.judge_batch(batch, images)
+        if correct:
+            for key, value in correct.items():
+                self._test_correct[key] += value.sum().to(self.device)
+            self._test_count += len(images)
+
+    @staticmethod
+    def judge_batch(batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image correctness (B,) bool of each scored attribute, for prompts that carry scene attributes
+        (the synthetic data's); empty for other prompts."""
+        if not all(k in batch for k in ("colour", "shape", "position", "size")):
+            return {}
+        scenes = [Scene(*attributes) for attributes in zip(batch["colour"], batch["shape"], batch["position"],
+                                                           batch["size"])]
+        return judge(images.cpu(), scenes)
 
     def on_test_epoch_end(self) -> None:
         count = self.trainer.strategy.reduce(self._test_count, reduce_op="sum")
