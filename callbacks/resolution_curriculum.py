@@ -25,7 +25,8 @@ class ResolutionCurriculum(Callback):
     ``PEInterpolation`` (listed after this callback) keeps the PE in step, puts the validation resolution back for
     validation, and logs ``curriculum/stage`` and ``curriculum/resolution``. Stage and draws are functions of the
     step, and the loader's position is checkpointed, so ``--ckpt_path`` resumes inside a stage with the same
-    sequence. Needs ``trainer.max_steps``, a map-style source without buckets, and with several devices
+    sequence. With ``data.buckets`` each batch is one aspect bucket of the table at its resolution. Needs
+    ``trainer.max_steps``, a map-style source, ``accumulate_grad_batches: 1``, and with several devices
     ``trainer.use_distributed_sampler: false``.
     """
 
@@ -46,6 +47,9 @@ class ResolutionCurriculum(Callback):
         if stage == "fit":
             if trainer.max_steps is None or trainer.max_steps < 0:
                 raise ConfigError("ResolutionCurriculum needs trainer.max_steps (the stages are counted in steps)")
+            if trainer.accumulate_grad_batches != 1:
+                raise ConfigError("ResolutionCurriculum counts one batch per optimizer step; set "
+                                  "trainer.accumulate_grad_batches: 1 (raise the stage batch sizes instead)")
             if trainer.max_steps > self.stages[-1].until_step:
                 rank_zero_warn(f"trainer.max_steps={trainer.max_steps} is past the last stage's until_step; the last "
                                "stage continues to the end")
@@ -53,9 +57,7 @@ class ResolutionCurriculum(Callback):
             self._val_resolution = datamodule.resolution
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        stage, resolution, _ = self.schedule.at(trainer.global_step)
-        if "image" in batch:
-            resolution = batch["image"].shape[-1]
+        stage, resolution, _ = self.schedule.at(trainer.global_step)  # what the sampler drew for this step
         trainer.datamodule.resolution = resolution
         pl_module.log("curriculum/stage", float(stage), on_step=True, on_epoch=False)
         pl_module.log("curriculum/resolution", float(resolution), on_step=True, on_epoch=False)

@@ -127,6 +127,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.predict_prompts = predict_prompts
         self.buckets = bucket_sizes(resolution, bucket_multiple, bucket_max_ratio) if buckets else None
         self.bucket_multiple = bucket_multiple
+        self.bucket_max_ratio = bucket_max_ratio
         self.schedule: ResolutionSchedule | None = None  # set by callbacks.ResolutionCurriculum
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, loader=DataLoader) -> DataLoader:
@@ -151,17 +152,16 @@ class CaptionImageDataModule(L.LightningDataModule):
                                   persistent_workers=self.num_workers > 0)
 
     def _curriculum_loader(self, rank: int, world_size: int) -> StatefulDataLoader:
-        """One loader for every stage of the resolution curriculum: each batch carries its own size."""
-        if self.buckets is not None:
-            raise ConfigError("the resolution curriculum does not combine with aspect-ratio buckets yet; set "
-                              "data.buckets: false")
-        dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size)
+        """One loader for every stage of the resolution curriculum: each batch carries its own size (and, with
+        buckets, its aspect bucket at that stage's resolution)."""
+        dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size, buckets=self.buckets)
         if isinstance(dataset, IterableDataset):
             raise ConfigError("the resolution curriculum needs a map-style source (not a stream): the sampler picks "
                               "each batch's items and size")
         check_usable(dataset)
+        sizes = dataset.image_sizes if self.buckets is not None else None
         sampler = CurriculumBatchSampler(len(dataset), self.schedule, self.trainer.max_steps, self.seed, rank,
-                                         world_size)
+                                         world_size, sizes, self.bucket_multiple, self.bucket_max_ratio)
         return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                   persistent_workers=self.num_workers > 0)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Sampler
 
+from datamodules.buckets import bucket_sizes, nearest_bucket
 from lit_dimba.errors import ConfigError
 
 
@@ -71,49 +72,82 @@ class ResolutionSchedule:
         return sorted({int(r) for stage in self.stages for r in stage.resolutions})
 
 
-class CurriculumBatchSampler(Sampler[list[tuple[int, tuple[int, int]]]]):
-    """Batches of ``(index, (resolution, resolution))`` keys following a ``ResolutionSchedule``.
+class ItemStream:
+    """Items of a group (the whole data set, or one aspect bucket) in a new shuffled order each pass."""
 
-    Items are drawn without replacement from a shuffled permutation of the data set (a new one each pass, seeded
-    by ``seed`` and the pass number); rank ``rank`` of ``num_replicas`` takes every ``num_replicas``-th item, so
-    ranks see disjoint items and, stepping in lock-step, the same number of batches of the same resolution.
+    def __init__(self, members: list[int], seed: int):
+        self.members = torch.tensor(members)
+        self.seed = seed
+        self._pass, self._order = -1, None
+
+    def __call__(self, position: int) -> int:
+        data_pass, offset = divmod(position, len(self.members))
+        if data_pass != self._pass:
+            generator = torch.Generator().manual_seed(self.seed + data_pass)
+            self._pass, self._order = data_pass, self.members[torch.randperm(len(self.members), generator=generator)]
+        return int(self._order[offset])
+
+
+class CurriculumBatchSampler(Sampler[list[tuple[int, tuple[int, int]]]]):
+    """Batches of ``(index, (height, width))`` keys following a ``ResolutionSchedule``.
+
+    Items are drawn without replacement from shuffled passes over the data set; rank ``rank`` of ``num_replicas``
+    takes every ``num_replicas``-th item, so ranks see disjoint items and, stepping in lock-step, the same number
+    of batches of the same size. With ``image_sizes`` (each item's (height, width)) the batches use aspect-ratio
+    buckets: at each step's resolution, the bucket table ``bucket_sizes(resolution, bucket_multiple,
+    bucket_max_ratio)``, a bucket drawn (seeded by step) in proportion to its items, and items of that bucket.
     It yields batches up to ``max_steps`` (the Trainer stops there).
     """
 
     def __init__(self, length: int, schedule: ResolutionSchedule, max_steps: int, seed: int = 0, rank: int = 0,
-                 num_replicas: int = 1):
-        self.length = length
+                 num_replicas: int = 1, image_sizes: list[tuple[int, int]] | None = None, bucket_multiple: int = 32,
+                 bucket_max_ratio: float = 2.0):
         self.schedule = schedule
         self.max_steps = max_steps
         self.seed = seed
         self.rank = rank
         self.num_replicas = num_replicas
         self.step = 0
-        self.position = 0  # items (over all ranks) consumed so far
-        self._pass, self._order = -1, None
+        self.positions: dict[str, int] = {}  # items (over all ranks) consumed per stream
+        self.streams = {"all": ItemStream(list(range(length)), seed)}
+        self.tables: dict[int, list[tuple[int, int]]] = {}
+        if image_sizes is not None:
+            for resolution in schedule.resolutions():
+                table = bucket_sizes(resolution, bucket_multiple, bucket_max_ratio)
+                members: dict[int, list[int]] = {}
+                for index, (h, w) in enumerate(image_sizes):
+                    members.setdefault(nearest_bucket(h, w, table), []).append(index)
+                self.tables[resolution] = table
+                for bucket, items in members.items():
+                    self.streams[f"{resolution}:{bucket}"] = ItemStream(items, seed)
 
-    def _item(self, position: int) -> int:
-        data_pass, offset = divmod(position, self.length)
-        if data_pass != self._pass:
-            self._pass = data_pass
-            self._order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + data_pass))
-        return int(self._order[offset])
+    def _stream(self, resolution: int) -> tuple[str, tuple[int, int]]:
+        """The stream this step draws from and its image size."""
+        if not self.tables:
+            return "all", (resolution, resolution)
+        table = self.tables[resolution]
+        names = [n for n in self.streams if n.startswith(f"{resolution}:")]
+        weights = torch.tensor([float(len(self.streams[n].members)) for n in names])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step + 7)
+        name = names[torch.multinomial(weights, 1, generator=generator).item()]
+        return name, table[int(name.split(":")[1])]
 
     def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:
         while self.step < self.max_steps:
             _, resolution, batch_size = self.schedule.at(self.step)
-            start = self.position + self.rank
-            keys = [(self._item(start + k * self.num_replicas), (resolution, resolution)) for k in range(batch_size)]
-            self.position += batch_size * self.num_replicas
+            name, size = self._stream(resolution)
+            start = self.positions.get(name, 0) + self.rank
+            keys = [(self.streams[name](start + k * self.num_replicas), size) for k in range(batch_size)]
+            self.positions[name] = self.positions.get(name, 0) + batch_size * self.num_replicas
             self.step += 1
             yield keys
 
     def __len__(self) -> int:
         return max(self.max_steps - self.step, 0)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "position": self.position}
+    def state_dict(self) -> dict:
+        return {"step": self.step, "positions": dict(self.positions)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.position = state["position"]
+        self.positions = dict(state["positions"])

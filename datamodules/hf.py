@@ -123,20 +123,20 @@ class HFDatasetSource(CaptionImageSource):
             raise ConfigError(f"data.source.num_val={self.num_val} leaves no training rows of {n}; lower num_val")
         return train.select(range(n - self.num_val)), train.select(range(n - self.num_val, n))
 
-    def bucket_of(self, records, buckets: list[tuple[int, int]]) -> list[int]:
-        """Each record's nearest aspect bucket, from ``width``/``height`` columns when the data has them, else from
-        the image header (read once, pixels not decoded; an unreadable image goes to bucket 0 and is skipped when
+    def image_sizes(self, records) -> list[tuple[int, int]]:
+        """Each record's (height, width), from ``width``/``height`` columns when the data has them, else from the
+        image header (read once, pixels not decoded; an unreadable image counts as square and is skipped when
         loaded)."""
         if {"width", "height"} <= set(records.column_names):
-            return [nearest_bucket(h, w, buckets) for h, w in zip(records["height"], records["width"])]
-        assignment = []
+            return list(zip(records["height"], records["width"]))
+        sizes = []
         for record in records:
             try:
                 width, height = self.decode.open(record).size
-                assignment.append(nearest_bucket(height, width, buckets))
+                sizes.append((height, width))
             except BadSample:
-                assignment.append(0)
-        return assignment
+                sizes.append((1, 1))
+        return sizes
 
     def _dataset(self, records, resolution: int, train: bool, rank: int, world_size: int,
                  buckets: list[tuple[int, int]] | None = None) -> Dataset:
@@ -145,9 +145,11 @@ class HFDatasetSource(CaptionImageSource):
             if self.streaming:
                 raise ConfigError("aspect-ratio buckets need the sizes of all images up front; set "
                                   "data.source.streaming: false or data.buckets: false")
-            bucket_of = self.bucket_of(records, buckets)
+            sizes = self.image_sizes(records)
+            bucket_of = [nearest_bucket(h, w, buckets) for h, w in sizes]
             dataset = RecordDataset(records, self.decode, lambda i: buckets[bucket_of[i]])
             dataset.bucket_of = bucket_of
+            dataset.image_sizes = sizes
             return dataset
         if self.streaming:
             if train:

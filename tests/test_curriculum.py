@@ -115,3 +115,25 @@ def test_curriculum_configs_run_at_tiny_scale(in_tmp, name):
     schedule = ResolutionSchedule(stages, 2)
     assert [r["shape"] for r in records] == [[2, 3, schedule.at(s)[1], schedule.at(s)[1]] for s in range(len(records))]
     assert [r["pe"] for r in records] == [r["shape"][-1] / tiny[base] for r in records]
+
+
+def test_curriculum_with_aspect_buckets(in_tmp):
+    """Buckets under a curriculum: each batch is one bucket of the table at its step's resolution; resumable."""
+    from datamodules.buckets import bucket_sizes
+    from tests.test_sources import SHAPES, image_folder, source_yaml
+
+    root = image_folder(in_tmp / "data", n=18, sizes=lambda i: SHAPES[i % 3])
+    source = source_yaml(in_tmp, {"class_path": "datamodules.ImageFolderSource",
+                                  "init_args": {"root": root, "caption_column": "caption", "num_val": 0}})
+    bucketed = ["--data.init_args.source", source, "--data.init_args.buckets", "true",
+                "--data.init_args.bucket_multiple", "4", "--trainer.limit_val_batches", "0"]
+    full = run("full.jsonl", *bucketed)
+    schedule = ResolutionSchedule(STAGES, 4)
+    for record in full:
+        _, resolution, batch_size = schedule.at(record["step"])
+        assert record["shape"][0] == batch_size and tuple(record["shape"][2:]) in bucket_sizes(resolution, 4, 2.0)
+        numbers = [int(c.split()[-1]) for c in record["captions"]]
+        assert len({SHAPES[n % 3] for n in numbers}) == 1, "one aspect bucket per batch"
+    assert len({tuple(r["shape"][2:]) for r in full}) > 2
+    resumed = run("resumed.jsonl", *bucketed, "--ckpt_path", "ckpt/epoch=0-step=3.ckpt")
+    assert resumed == full[3:]
