@@ -32,12 +32,10 @@ class PEInterpolation(Callback):
         resolution = getattr(trainer.datamodule, "resolution", None) if trainer.datamodule else None
         if resolution is None or resolution == self._resolution:
             return
+        pl_module.check_resolution(resolution, "data.resolution")
+        pl_module.check_resolution(self.base_resolution, "PEInterpolation.base_resolution")
         model = pl_module.model
-        step = pl_module.vae.downsample_factor * model.patch_size
-        if resolution % step or self.base_resolution % step:
-            raise ConfigError(f"PEInterpolation: resolution {resolution} and base_resolution {self.base_resolution} "
-                              f"must be multiples of {step} (VAE factor x patch size)")
-        model.base_size = resolution // step
+        model.base_size = resolution // pl_module.token_stride
         model.pe_interpolation = resolution / self.base_resolution
         if self.mode is not None:
             model.pe_mode = self.mode

@@ -137,32 +137,25 @@ class CaptionImageDataModule(L.LightningDataModule):
                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
     def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled batches of ``resolution``; with buckets, single-bucket batches; with a curriculum schedule, one
+        loader for every stage whose batches carry their own size (and bucket at that stage's resolution)."""
         trainer = getattr(self, "trainer", None)
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        if self.schedule is not None:
-            return self._curriculum_loader(rank, world_size)
-        if self.buckets is None:
-            dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size)
-            check_usable(dataset)
-            return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader)
         dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size, buckets=self.buckets)
-        check_usable(dataset)
-        sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
-        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                  persistent_workers=self.num_workers > 0)
-
-    def _curriculum_loader(self, rank: int, world_size: int) -> StatefulDataLoader:
-        """One loader for every stage of the resolution curriculum: each batch carries its own size (and, with
-        buckets, its aspect bucket at that stage's resolution)."""
-        dataset = self.source.train_dataset(self.resolution, rank=rank, world_size=world_size, buckets=self.buckets)
-        if isinstance(dataset, IterableDataset):
+        if self.schedule is not None and isinstance(dataset, IterableDataset):
             raise ConfigError("the resolution curriculum needs a map-style source (not a stream): the sampler picks "
                               "each batch's items and size")
         check_usable(dataset)
-        sizes = dataset.image_sizes if self.buckets is not None else None
-        sampler = CurriculumBatchSampler(len(dataset), self.schedule, self.trainer.max_steps, self.seed, rank,
-                                         world_size, sizes, self.bucket_multiple, self.bucket_max_ratio)
-        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+        if self.schedule is not None:
+            sizes = dataset.image_sizes if self.buckets is not None else None
+            batch_sampler = CurriculumBatchSampler(len(dataset), self.schedule, self.trainer.max_steps, self.seed,
+                                                   rank, world_size, sizes, self.bucket_multiple,
+                                                   self.bucket_max_ratio)
+        elif self.buckets is not None:
+            batch_sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
+        else:
+            return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader)
+        return StatefulDataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

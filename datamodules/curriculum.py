@@ -18,6 +18,12 @@ from datamodules.buckets import bucket_sizes, nearest_bucket
 from lit_dimba.errors import ConfigError
 
 
+def draw(weights: list[float], seed: int, step: int, salt: int = 0) -> int:
+    """Index drawn with probability proportional to ``weights`` from a generator seeded by (seed, step, salt)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + salt)
+    return torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=generator).item()
+
+
 @dataclass
 class Stage:
     """Steps up to ``until_step`` (exclusive) at ``resolutions`` ({resolution: weight}, one entry for a single
@@ -63,9 +69,8 @@ class ResolutionSchedule:
         resolutions = list(stage.resolutions)
         if len(resolutions) == 1:
             return index, int(resolutions[0]), batch_size
-        weights = torch.tensor([float(stage.resolutions[r]) for r in resolutions])
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return index, int(resolutions[torch.multinomial(weights, 1, generator=generator).item()]), batch_size
+        choice = draw([float(stage.resolutions[r]) for r in resolutions], self.seed, step)
+        return index, int(resolutions[choice]), batch_size
 
     def resolutions(self) -> list[int]:
         """Every resolution any stage uses."""
@@ -127,9 +132,7 @@ class CurriculumBatchSampler(Sampler[list[tuple[int, tuple[int, int]]]]):
             return "all", (resolution, resolution)
         table = self.tables[resolution]
         names = [n for n in self.streams if n.startswith(f"{resolution}:")]
-        weights = torch.tensor([float(len(self.streams[n].members)) for n in names])
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step + 7)
-        name = names[torch.multinomial(weights, 1, generator=generator).item()]
+        name = names[draw([float(len(self.streams[n].members)) for n in names], self.seed, self.step, salt=7)]
         return name, table[int(name.split(":")[1])]
 
     def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:

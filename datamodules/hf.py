@@ -6,6 +6,7 @@ An image folder is HF's ``imagefolder`` form: images plus a ``metadata.jsonl`` o
 """
 
 import os
+from functools import cached_property
 
 import datasets
 from datasets.distributed import split_dataset_by_node
@@ -109,8 +110,9 @@ class HFDatasetSource(CaptionImageSource):
             raise ConfigError(f"{self.where!r} split {split!r} has no usable samples (every caption is empty, or "
                               "the split is empty); check the caption column or set empty_caption: unconditional")
 
+    @cached_property
     def _splits(self):
-        """(train records, val records or None)."""
+        """(train records, val records or None), loaded once for training, validation and test prompts."""
         train = self._load(self.split)
         if self.val_split:
             return train, self._load(self.val_split)
@@ -160,12 +162,12 @@ class HFDatasetSource(CaptionImageSource):
 
     def train_dataset(self, resolution: int, rank: int = 0, world_size: int = 1,
                       buckets: list[tuple[int, int]] | None = None) -> Dataset:
-        train, _ = self._splits()
+        train, _ = self._splits
         self._check_not_empty(train, self.split)
         return self._dataset(train, resolution, True, rank, world_size, buckets)
 
     def val_dataset(self, resolution: int) -> Dataset:
-        _, val = self._splits()
+        _, val = self._splits
         if val is None:
             raise ConfigError("validation needs data.source.val_split or data.source.num_val > 0 (or set "
                               "trainer.limit_val_batches: 0)")
@@ -175,8 +177,8 @@ class HFDatasetSource(CaptionImageSource):
     def test_prompts(self) -> list[dict]:
         if self.test_prompt_file:
             return [{"caption": p} for p in read_prompt_file(self.test_prompt_file)]
-        _, val = self._splits()
-        records = val if val is not None else self._load(self.split)
+        train, val = self._splits
+        records = val if val is not None else train
         captions = []
         for record in records:
             if len(captions) == self.num_test_prompts:

@@ -120,9 +120,14 @@ class DiffusionModule(L.LightningModule):
         if hasattr(source, "check_encoders"):  # a feature cache must come from this model's encoders
             source.check_encoders(self)
 
+    @property
+    def token_stride(self) -> int:
+        """Pixels per token side: the VAE's downsampling factor times the patch size."""
+        return self.vae.downsample_factor * self.model.patch_size
+
     def check_resolution(self, resolution: int | tuple[int, int], field: str) -> None:
         """Raise a ConfigError unless the pixel resolution maps to whole latent patches."""
-        step = self.vae.downsample_factor * self.model.patch_size
+        step = self.token_stride
         sizes = resolution if isinstance(resolution, (tuple, list)) else (resolution, resolution)
         if any(int(s) % step for s in sizes):
             raise ConfigError(f"{field}={resolution} is not divisible by {step} (VAE factor "
