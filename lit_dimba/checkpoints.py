@@ -4,7 +4,9 @@ export a trained backbone.
 Weights are read from
 - a Lightning checkpoint written by any of our modules (``.ckpt``): the ``model.*`` tensors, with the EMA
   callback's average swapped in when asked and present;
-- an export folder or ``.safetensors`` file written by ``export_backbone``.
+- an export folder or ``.safetensors`` file written by ``export_backbone`` or the PixArt converter;
+- PixArt-alpha's released weights (original ``.pth`` or a diffusers folder), converted on load
+  (``lit_dimba.convert.pixart``).
 
 An export folder holds ``model.safetensors`` (the backbone's tensors), ``backbone.yaml`` (its
 ``class_path``/``init_args``, ready to paste under ``model.init_args.backbone`` of a config) and ``student.ckpt``
@@ -21,15 +23,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_dimba.errors import ConfigError
+from lit_dimba.convert.pixart import convert_pixart, is_pixart
+from lit_dimba.errors import ConfigError, describe_names
 
 MODEL_PREFIX = "model."
-
-
-def describe_names(keys: list[str], limit: int = 5) -> str:
-    """The first ``limit`` names joined by commas, and how many more there are."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -69,8 +66,10 @@ def backbone_state(checkpoint: dict, ema: bool, source: str = "the checkpoint") 
 
 
 def load_backbone_state(path: str, ema: bool = True) -> dict[str, torch.Tensor]:
-    """Backbone tensors from a ``.ckpt`` (EMA weights when ``ema`` and present), a ``.safetensors`` file or an
-    export folder."""
+    """Backbone tensors from a ``.ckpt`` (EMA weights when ``ema`` and present), a ``.safetensors`` file, an
+    export folder, or PixArt-alpha weights (``.pth`` or a diffusers folder)."""
+    if is_pixart(path):
+        return convert_pixart(path, ema)[0]
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     if path.endswith(".safetensors"):
@@ -133,16 +132,10 @@ def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True) -> dic
     if "backbone_config" not in checkpoint:
         raise ConfigError(f"{checkpoint_path!r} has no 'backbone_config'; it was written before lit-dimba recorded "
                           "the architecture in checkpoints, so it cannot be exported")
-    os.makedirs(out_dir, exist_ok=True)
     weights = backbone_state(checkpoint, ema, repr(checkpoint_path))
-    weights_path = os.path.join(out_dir, "model.safetensors")
-    save_file({k: v.contiguous() for k, v in weights.items()}, weights_path,
-              metadata={"source": os.path.abspath(checkpoint_path), "weights": "ema" if ema else "trained",
-                        "global_step": str(checkpoint.get("global_step", 0))})
-    config_path = os.path.join(out_dir, "backbone.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump({"class_path": "lit_dimba.models.Backbone", "init_args": checkpoint["backbone_config"]}, f,
-                       sort_keys=False)
+    written = write_export(weights, checkpoint["backbone_config"], out_dir,
+                           {"source": os.path.abspath(checkpoint_path), "weights": "ema" if ema else "trained",
+                            "global_step": str(checkpoint.get("global_step", 0))})
     raw = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     student = {
         "state_dict": raw,
@@ -157,4 +150,17 @@ def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True) -> dic
         student["callbacks"] = {"EMA": averaged}
     student_path = os.path.join(out_dir, "student.ckpt")
     torch.save(student, student_path)
-    return {"weights": weights_path, "config": config_path, "checkpoint": student_path}
+    return {**written, "checkpoint": student_path}
+
+
+def write_export(weights: dict[str, torch.Tensor], config: dict, out_dir: str, metadata: dict[str, str]
+                 ) -> dict[str, str]:
+    """Write backbone tensors as ``out_dir/model.safetensors`` (with ``metadata``) and the ``Backbone``
+    arguments as ``out_dir/backbone.yaml``; return both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    weights_path = os.path.join(out_dir, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in weights.items()}, weights_path, metadata=metadata)
+    config_path = os.path.join(out_dir, "backbone.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump({"class_path": "lit_dimba.models.Backbone", "init_args": config}, f, sort_keys=False)
+    return {"weights": weights_path, "config": config_path}

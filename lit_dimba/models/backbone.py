@@ -197,6 +197,10 @@ class Backbone(nn.Module):
         pe_mode: "pixart" (each axis stretched to the same range) or "centred" (centred, one step on both axes,
             normalised by the long edge); see ``sincos_2d``.
         gradient_checkpointing: recompute each block in backward (training only).
+        micro_conditioning: PixArt-alpha 1024-MS's size conditioning: the image size (height, width) and aspect
+            ratio height / width, in pixels of ``pixels_per_latent`` per latent pixel, are embedded like timesteps
+            (``csize_embedder``, ``ar_embedder``, hidden_size / 3 channels each per value) and added to the time
+            embedding. The size is the generated (or trained) image's, taken from the input's shape.
 
     forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
     bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W); with
@@ -225,6 +229,8 @@ class Backbone(nn.Module):
         gradient_checkpointing: bool = False,
         dimba_ratio: int = 1,
         mamba: MambaConfig = MambaConfig(),
+        micro_conditioning: bool = False,
+        pixels_per_latent: int = 8,
     ):
         super().__init__()
         self._init_config = dict(
@@ -232,7 +238,8 @@ class Backbone(nn.Module):
             num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size, in_channels=in_channels,
             learn_sigma=learn_sigma, caption_channels=caption_channels, token_num=token_num, base_size=base_size,
             pe_interpolation=pe_interpolation, pe_mode=pe_mode, gradient_checkpointing=gradient_checkpointing,
-            dimba_ratio=dimba_ratio, mamba=asdict(mamba),
+            dimba_ratio=dimba_ratio, mamba=asdict(mamba), micro_conditioning=micro_conditioning,
+            pixels_per_latent=pixels_per_latent,
         )
         self.layout = expand_layout(layout, depth, dimba_ratio)
         self.hidden_size = hidden_size
@@ -252,6 +259,14 @@ class Backbone(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, token_num)
+        self.micro_conditioning = micro_conditioning
+        self.pixels_per_latent = pixels_per_latent
+        if micro_conditioning:
+            if hidden_size % 3:
+                raise ValueError(f"micro_conditioning embeds height, width and aspect ratio in hidden_size / 3 "
+                                 f"channels each; hidden_size {hidden_size} is not divisible by 3")
+            self.csize_embedder = TimestepEmbedder(hidden_size // 3)
+            self.ar_embedder = TimestepEmbedder(hidden_size // 3)
         self.blocks = nn.ModuleList(
             MambaLayer(hidden_size, mamba) if kind == "mamba_layer"
             else Block(kind, hidden_size, num_heads, mlp_ratio, mamba)
@@ -284,8 +299,12 @@ class Backbone(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
-                       self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+        linears = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
+                   self.y_embedder.y_proj.fc2]
+        if self.micro_conditioning:
+            linears += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2], self.ar_embedder.mlp[0],
+                        self.ar_embedder.mlp[2]]
+        for linear in linears:
             nn.init.normal_(linear.weight, std=0.02)
         for block in self.blocks:
             if isinstance(block, Block):
@@ -318,6 +337,15 @@ class Backbone(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, self.out_channels)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_channels, h * p, w * p)
 
+    def size_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """Micro-conditioning of latents x (B, C, H, W): (B, hidden) embedding of the image height and width in
+        pixels and of the aspect ratio H / W (PixArt-alpha 1024-MS)."""
+        B, _, H, W = x.shape
+        s = self.pixels_per_latent
+        size = x.new_tensor([H * s, W * s], dtype=torch.float32).repeat(B)  # (B * 2,): h0, w0, h1, w1, ...
+        ratio = x.new_full((B,), H / W, dtype=torch.float32)
+        return torch.cat([self.csize_embedder(size).reshape(B, -1), self.ar_embedder(ratio)], dim=1)
+
     @property
     def config(self) -> dict:
         return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation,
@@ -330,9 +358,11 @@ class Backbone(nn.Module):
 
     def forward(self, x, t, y, mask, drop_caption=None, return_mixer_io: bool = False):
         grid = self.grid_size(x.shape[-2], x.shape[-1])
+        t_emb = self.t_embedder(t)
+        if self.micro_conditioning:
+            t_emb = t_emb + self.size_embedding(x)
         x = self.x_embedder(x)
         x = x + self.pos_embed(grid, x.device).to(x.dtype)
-        t_emb = self.t_embedder(t)
         t6 = self.t_block(t_emb)
         y, mask = self.y_embedder(y, mask, drop_caption)
         mixer_io = []

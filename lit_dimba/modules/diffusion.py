@@ -18,11 +18,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
 from datamodules.synthetic import Scene
-from lit_dimba.checkpoints import describe_names, load_backbone_state, load_exact, mismatched_tensors
+from lit_dimba.checkpoints import load_backbone_state, load_exact, mismatched_tensors
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
-from lit_dimba.errors import ConfigError
+from lit_dimba.errors import ConfigError, describe_names
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
 

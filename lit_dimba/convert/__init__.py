@@ -1,0 +1,1 @@
+"""Import weights of other projects as our ``Backbone`` (PixArt-alpha: ``lit_dimba.convert.pixart``)."""

@@ -1,0 +1,235 @@
+"""Import PixArt-alpha weights as a ``Backbone`` (layout ``dit``): the teacher T2MD distils.
+
+Two formats are read, told apart by their tensor names:
+- **original** (the PixArt-alpha repository's ``PixArt-XL-2-512x512.pth``, ``PixArt-XL-2-1024-MS.pth``): a
+  ``torch.load`` file (read with ``weights_only=True``) holding ``{"state_dict": ...}`` or the tensors
+  themselves, or a ``.safetensors`` file of them. Our names are PixArt's except ``attn`` -> ``mixer``.
+- **diffusers** (``PixArtTransformer2DModel``): a folder with ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` (sharded or ``.bin`` too), or a pipeline folder with ``transformer/``.
+
+The positional embedding is recomputed by the backbone, never loaded; the learned-sigma output channels and
+1024-MS's size conditioning (``micro_conditioning``) are kept. Every tensor must be used and every backbone tensor
+filled: anything else is an error naming the tensors.
+
+The null caption (``y_embedding``, PixArt's learned "empty caption" for classifier-free guidance) is in both
+released formats (diffusers keeps it as ``caption_projection.y_embedding``, which its own model does not use); a
+folder written by diffusers' ``save_pretrained`` lacks it and is refused with that explanation.
+
+Command line: ``python -m lit_dimba.convert SOURCE OUT`` writes an export folder (``model.safetensors`` +
+``backbone.yaml``) that ``init_weights``, ``teacher_checkpoint`` and ``lit_dimba.checkpoints`` read. Those options
+also take the PixArt files directly: conversion is cheap, so it happens on load.
+"""
+
+import json
+import os
+import pickle
+import re
+
+import torch
+from safetensors.torch import load_file
+
+from lit_dimba.errors import ConfigError, describe_names
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# PixArt-alpha's attention head width (1152 / 16 heads): the original format does not record the head count.
+PIXART_HEAD_DIM = 72
+
+# diffusers name -> our name, for tensors that map one to one ("{}" is a block index).
+_DIFFUSERS_RENAMES = {
+    "pos_embed.proj.{w}": "x_embedder.proj.{w}",
+    "adaln_single.emb.timestep_embedder.linear_1.{w}": "t_embedder.mlp.0.{w}",
+    "adaln_single.emb.timestep_embedder.linear_2.{w}": "t_embedder.mlp.2.{w}",
+    "adaln_single.emb.resolution_embedder.linear_1.{w}": "csize_embedder.mlp.0.{w}",
+    "adaln_single.emb.resolution_embedder.linear_2.{w}": "csize_embedder.mlp.2.{w}",
+    "adaln_single.emb.aspect_ratio_embedder.linear_1.{w}": "ar_embedder.mlp.0.{w}",
+    "adaln_single.emb.aspect_ratio_embedder.linear_2.{w}": "ar_embedder.mlp.2.{w}",
+    "adaln_single.linear.{w}": "t_block.1.{w}",
+    "caption_projection.linear_1.{w}": "y_embedder.y_proj.fc1.{w}",
+    "caption_projection.linear_2.{w}": "y_embedder.y_proj.fc2.{w}",
+    "caption_projection.y_embedding": "y_embedder.y_embedding",
+    "proj_out.{w}": "final_layer.linear.{w}",
+    "scale_shift_table": "final_layer.scale_shift_table",
+    "transformer_blocks.{i}.scale_shift_table": "blocks.{i}.scale_shift_table",
+    "transformer_blocks.{i}.attn1.to_out.0.{w}": "blocks.{i}.mixer.proj.{w}",
+    "transformer_blocks.{i}.attn2.to_q.{w}": "blocks.{i}.cross_attn.q_linear.{w}",
+    "transformer_blocks.{i}.attn2.to_out.0.{w}": "blocks.{i}.cross_attn.proj.{w}",
+    "transformer_blocks.{i}.ff.net.0.proj.{w}": "blocks.{i}.mlp.fc1.{w}",
+    "transformer_blocks.{i}.ff.net.2.{w}": "blocks.{i}.mlp.fc2.{w}",
+}
+# Fused projections: our tensor = the concatenation (rows) of diffusers' tensors.
+_DIFFUSERS_FUSED = {
+    "blocks.{i}.mixer.qkv.{w}": ("transformer_blocks.{i}.attn1.to_q.{w}", "transformer_blocks.{i}.attn1.to_k.{w}",
+                                 "transformer_blocks.{i}.attn1.to_v.{w}"),
+    "blocks.{i}.cross_attn.kv_linear.{w}": ("transformer_blocks.{i}.attn2.to_k.{w}",
+                                            "transformer_blocks.{i}.attn2.to_v.{w}"),
+}
+
+
+def _expand(pattern: str, depth: int) -> list[dict]:
+    """The substitutions of a name pattern: every block index for ``{i}``, weight and bias for ``{w}``."""
+    blocks = range(depth) if "{i}" in pattern else [None]
+    params = ("weight", "bias") if "{w}" in pattern else [None]
+    return [{"i": i, "w": w} for i in blocks for w in params]
+
+
+def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename (and fuse q/k/v) a ``PixArtTransformer2DModel`` state dict to our names; an error names the
+    diffusers tensors that are missing or left over."""
+    out, used, missing = {}, set(), []
+    for theirs, ours in _DIFFUSERS_RENAMES.items():
+        for sub in _expand(theirs, depth):
+            name = theirs.format(**sub)
+            optional = name.startswith(("adaln_single.emb.resolution", "adaln_single.emb.aspect"))
+            if name in state:
+                out[ours.format(**sub)] = state[name]
+                used.add(name)
+            elif not optional:
+                missing.append(name)
+    for ours, parts in _DIFFUSERS_FUSED.items():
+        for sub in _expand(ours, depth):
+            names = [part.format(**sub) for part in parts]
+            absent = [n for n in names if n not in state]
+            if absent:
+                missing += absent
+                continue
+            out[ours.format(**sub)] = torch.cat([state[n] for n in names])
+            used.update(names)
+    if "caption_projection.y_embedding" in missing:
+        raise ConfigError(
+            "the diffusers PixArt weights lack 'caption_projection.y_embedding', PixArt's learned null caption that "
+            "classifier-free guidance and caption dropout use: diffusers' save_pretrained drops it. Convert the "
+            "released weights (the hub's transformer/ folder or the original .pth), which hold it")
+    _check_all_used(state, used, missing, "diffusers")
+    return out
+
+
+def convert_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PixArt-alpha's own names -> ours: ``blocks.<i>.attn.*`` -> ``blocks.<i>.mixer.*``; ``pos_embed`` dropped
+    (recomputed)."""
+    return {re.sub(r"^blocks\.(\d+)\.attn\.", r"blocks.\1.mixer.", k): v for k, v in state.items()
+            if k != "pos_embed"}
+
+
+def _check_all_used(state: dict, used: set, missing: list[str], fmt: str) -> None:
+    unknown = sorted(k for k in state if k not in used)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} tensors are not PixArt-alpha's: {describe_names(unknown)}")
+    if problems:
+        raise ConfigError(f"these {fmt} PixArt-alpha weights do not convert: {'; '.join(problems)}")
+
+
+def backbone_config(state: dict[str, torch.Tensor], num_heads: int, base_size: int, pe_interpolation: float) -> dict:
+    """Our ``Backbone`` arguments for converted PixArt tensors (sizes read from the tensor shapes)."""
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    proj = state["x_embedder.proj.weight"]  # (hidden, in_channels, p, p)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    out_channels = state["final_layer.linear.weight"].shape[0] // patch**2
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ConfigError(f"the final layer gives {out_channels} channels for {in_channels} input channels; "
+                          "PixArt-alpha gives the same number (fixed sigma) or twice as many (learned sigma)")
+    if hidden % num_heads:
+        raise ConfigError(f"num_heads={num_heads} does not divide the width {hidden}")
+    y_embedding = state["y_embedder.y_embedding"]
+    return dict(
+        layout="dit", depth=depth, hidden_size=hidden, num_heads=num_heads,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, patch_size=patch, in_channels=in_channels,
+        learn_sigma=out_channels == 2 * in_channels, caption_channels=y_embedding.shape[1],
+        token_num=y_embedding.shape[0], base_size=base_size, pe_interpolation=pe_interpolation,
+        micro_conditioning="csize_embedder.mlp.0.weight" in state,
+    )
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConfigError(f"{path!r} holds more than tensors, and is read with weights_only=True to run no code "
+                          f"from it ({str(error).splitlines()[0]}); re-save its state_dict alone") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path!r} does not hold a dict of tensors")
+    return loaded
+
+
+def read_diffusers_folder(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and ``config.json`` of a ``PixArtTransformer2DModel`` folder (or a pipeline's ``transformer/``)."""
+    if os.path.isfile(os.path.join(folder, "transformer", "config.json")):
+        folder = os.path.join(folder, "transformer")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{folder!r} has no config.json; pass a diffusers PixArtTransformer2DModel folder, a "
+                          "pipeline folder with transformer/, or an original PixArt-alpha .pth")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("_class_name", "PixArtTransformer2DModel") != "PixArtTransformer2DModel":
+        raise ConfigError(f"{config_path!r} describes a {config['_class_name']}, not a PixArtTransformer2DModel")
+    for name in DIFFUSERS_WEIGHTS:
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):  # sharded
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(_load_tensors(os.path.join(folder, shard)))
+            return state, config
+        if os.path.isfile(os.path.join(folder, name)):
+            return _load_tensors(os.path.join(folder, name)), config
+    raise ConfigError(f"{folder!r} has no {' or '.join(DIFFUSERS_WEIGHTS)} (or their sharded index)")
+
+
+def is_pixart(path: str) -> bool:
+    """True if ``path`` looks like PixArt-alpha weights (a ``.pth``/``.pt``/``.bin`` file or a diffusers folder
+    of a PixArt transformer) rather than one of our checkpoints or exports."""
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("", "transformer")) \
+            and not os.path.isfile(os.path.join(path, "backbone.yaml"))
+    return path.endswith((".pth", ".pt", ".bin"))
+
+
+def convert_pixart(path: str, ema: bool = True, num_heads: int | None = None, base_size: int | None = None,
+                   pe_interpolation: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read PixArt-alpha weights in either format and return (our backbone tensors, ``Backbone`` arguments).
+
+    Args:
+        path: an original ``.pth`` / ``.safetensors`` file, or a diffusers model or pipeline folder.
+        ema: for an original training checkpoint that also holds ``state_dict_ema``, take that.
+        num_heads, base_size, pe_interpolation: for the original format, which does not record them: the heads
+            (default width / 72) and the positional embedding's grid and scale at the training resolution
+            (default PixArt's: 32 and 1 for 512^2 weights, 64 and 2 for 1024-MS weights). diffusers folders
+            record all three in their config.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"PixArt-alpha weights {path!r} do not exist; pass the original .pth file or a diffusers "
+                          "PixArtTransformer2DModel folder")
+    if os.path.isdir(path):
+        state, config = read_diffusers_folder(path)
+        depth = config.get("num_layers", 28)
+        converted = convert_diffusers_state(state, depth)
+        sample_size, patch = config.get("sample_size", 128), config.get("patch_size", 2)
+        additional = config.get("use_additional_conditions")
+        if additional is None:  # diffusers' own default
+            additional = sample_size == 128
+        if additional != ("csize_embedder.mlp.0.weight" in converted):
+            raise ConfigError(f"{path!r}: config.json says use_additional_conditions={additional} but the weights "
+                              f"{'lack' if additional else 'have'} the size embedders")
+        scale = config.get("interpolation_scale") or max(sample_size // 64, 1)
+        heads = config.get("num_attention_heads", 16)
+        return converted, backbone_config(converted, heads, sample_size // patch, float(scale))
+
+    loaded = _load_tensors(path)
+    if "state_dict" in loaded or "state_dict_ema" in loaded:
+        loaded = loaded["state_dict_ema"] if ema and "state_dict_ema" in loaded else loaded["state_dict"]
+    if "transformer_blocks.0.attn1.to_q.weight" in loaded:
+        raise ConfigError(f"{path!r} holds diffusers tensors; pass the folder with its config.json instead")
+    if "blocks.0.attn.qkv.weight" not in loaded:
+        raise ConfigError(f"{path!r} is not a PixArt-alpha checkpoint: it has no 'blocks.0.attn.qkv.weight' "
+                          f"(its first tensors: {describe_names(sorted(loaded))})")
+    converted = convert_original_state(loaded)
+    hidden = converted["x_embedder.proj.weight"].shape[0]
+    scale = 2.0 if "csize_embedder.mlp.0.weight" in converted else 1.0  # 1024-MS, else 512
+    return converted, backbone_config(converted, num_heads or max(hidden // PIXART_HEAD_DIM, 1),
+                                      base_size or int(32 * scale), pe_interpolation or scale)

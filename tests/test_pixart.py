@@ -1,0 +1,181 @@
+"""PixArt-alpha import: both formats convert to a Backbone whose output equals diffusers' PixArtTransformer2DModel."""
+
+import argparse
+import os
+
+import pytest
+import torch
+import yaml
+from diffusers import PixArtTransformer2DModel
+from safetensors.torch import load_file, save_file
+
+from lit_dimba.checkpoints import load_backbone_state
+from lit_dimba.convert.__main__ import main as convert_main
+from lit_dimba.convert.pixart import convert_pixart
+from lit_dimba.errors import ConfigError
+from lit_dimba.models.backbone import Backbone
+
+TOKENS, CAPTION = 6, 32
+# name -> (diffusers config, latent height, width)
+CONFIGS = {
+    "512-style square, learned sigma": (dict(sample_size=8, out_channels=8), 8, 8),
+    "non-square, fixed sigma, PE scale 2": (dict(sample_size=16, out_channels=4, interpolation_scale=2), 8, 12),
+    "1024-MS micro-conditioning, non-square": (
+        dict(sample_size=16, out_channels=8, attention_head_dim=24, use_additional_conditions=True), 16, 8),
+}
+
+
+def tiny_pixart(seed: int = 0, **overrides) -> PixArtTransformer2DModel:
+    """A 2-layer diffusers PixArt transformer with every weight random (none left at a zero init)."""
+    config = {**dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, patch_size=2,
+                     caption_channels=CAPTION, use_additional_conditions=False), **overrides}
+    config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+    model = PixArtTransformer2DModel(**config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def save_released(model: PixArtTransformer2DModel, folder: str, seed: int = 1) -> torch.Tensor:
+    """Save like the hub's PixArt folders: ``save_pretrained`` plus the null caption diffusers' model does not
+    hold (``caption_projection.y_embedding``). Returns that null caption."""
+    model.save_pretrained(folder)
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    state = load_file(path)
+    null = torch.randn(TOKENS, CAPTION, generator=torch.Generator().manual_seed(seed))
+    save_file({**state, "caption_projection.y_embedding": null}, path)
+    return null
+
+
+def inputs(height: int, width: int, batch: int = 2, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, height, width, generator=g)
+    t = torch.tensor([3, 877])[:batch]
+    y = torch.randn(batch, TOKENS, CAPTION, generator=g)
+    mask = torch.ones(batch, TOKENS, dtype=torch.bool)
+    mask[0, 3:] = False  # padded caption
+    return x, t, y, mask
+
+
+def diffusers_output(model: PixArtTransformer2DModel, x, t, y, mask) -> torch.Tensor:
+    added = None
+    if model.config.use_additional_conditions:
+        B, _, H, W = x.shape
+        added = {"resolution": torch.tensor([[H * 8.0, W * 8.0]] * B), "aspect_ratio": torch.tensor([[H / W]] * B)}
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask.long(),
+                     added_cond_kwargs=added).sample
+
+
+def ours(path: str, **kwargs) -> Backbone:
+    state, config = convert_pixart(path, **kwargs)
+    backbone = Backbone(**config).eval()
+    backbone.load_state_dict(state)
+    return backbone
+
+
+def original_checkpoint(backbone: Backbone, path: str) -> None:
+    """Write ``backbone``'s tensors as the PixArt-alpha repository saves them (its names, a stored pos_embed)."""
+    state = {k.replace(".mixer.", ".attn."): v for k, v in backbone.state_dict().items()}
+    state["pos_embed"] = torch.full((1, 16, backbone.hidden_size), 7.0)  # garbage: must be recomputed, not loaded
+    torch.save({"state_dict": state}, path)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_diffusers_folder_equals_diffusers(name, tmp_path):
+    config, height, width = CONFIGS[name]
+    reference = tiny_pixart(**config)
+    null = save_released(reference, str(tmp_path))
+    backbone = ours(str(tmp_path))
+    assert backbone.micro_conditioning == reference.config.use_additional_conditions
+    assert backbone.out_channels == reference.config.out_channels
+    assert torch.equal(backbone.y_embedder.y_embedding, null)
+    x, t, y, mask = inputs(height, width)
+    expected = diffusers_output(reference, x, t, y, mask)
+    with torch.no_grad():
+        got = backbone(x, t, y, mask)
+    assert got.shape == expected.shape == (2, reference.config.out_channels, height, width)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_original_checkpoint_equals_diffusers(name, tmp_path):
+    config, height, width = CONFIGS[name]
+    reference = tiny_pixart(**config)
+    save_released(reference, str(tmp_path / "diffusers"))
+    # the original format records neither heads nor the PE grid: give them as a user would
+    pe = dict(base_size=config["sample_size"] // 2, pe_interpolation=config.get("interpolation_scale", 1))
+    original_checkpoint(ours(str(tmp_path / "diffusers")), str(tmp_path / "PixArt.pth"))
+    backbone = ours(str(tmp_path / "PixArt.pth"), num_heads=2, **pe)
+    x, t, y, mask = inputs(height, width)
+    with torch.no_grad():
+        got = backbone(x, t, y, mask)
+    assert (got - diffusers_output(reference, x, t, y, mask)).abs().max() <= 1e-5
+
+
+def test_missing_and_unknown_tensors_are_named(tmp_path):
+    save_released(tiny_pixart(sample_size=8), str(tmp_path))
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    del state["transformer_blocks.1.attn2.to_k.weight"]
+    state["transformer_blocks.0.attn1.norm_q.weight"] = torch.ones(8)
+    save_file(state, path)
+    with pytest.raises(ConfigError, match=r"missing: transformer_blocks\.1\.attn2\.to_k\.weight.*"
+                                          r"not PixArt-alpha's: transformer_blocks\.0\.attn1\.norm_q\.weight"):
+        convert_pixart(str(tmp_path))
+
+
+def test_save_pretrained_without_null_caption_is_explained(tmp_path):
+    tiny_pixart(sample_size=8).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="caption_projection.y_embedding.*save_pretrained drops it"):
+        convert_pixart(str(tmp_path))
+
+
+def test_original_file_is_read_without_running_code(tmp_path):
+    torch.save({"state_dict": {"blocks.0.attn.qkv.weight": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-4)},
+               tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        convert_pixart(str(tmp_path / "bad.pth"))
+    torch.save({"state_dict": {"x_embedder.proj.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="not a PixArt-alpha checkpoint"):
+        convert_pixart(str(tmp_path / "other.pth"))
+
+
+def test_ema_weights_of_a_training_checkpoint(tmp_path):
+    save_released(tiny_pixart(sample_size=8), str(tmp_path / "diffusers"))
+    backbone = ours(str(tmp_path / "diffusers"))
+    state = {k.replace(".mixer.", ".attn."): v for k, v in backbone.state_dict().items()}
+    ema = {k: v + 1 for k, v in state.items()}
+    torch.save({"state_dict": state, "state_dict_ema": ema}, tmp_path / "train.pth")
+    for use_ema, expected in ((True, ema), (False, state)):
+        converted, _ = convert_pixart(str(tmp_path / "train.pth"), ema=use_ema, num_heads=2)
+        assert torch.equal(converted["final_layer.linear.weight"], expected["final_layer.linear.weight"])
+
+
+def test_command_writes_an_export_that_loads(tmp_path, capsys):
+    config, height, width = CONFIGS["1024-MS micro-conditioning, non-square"]
+    reference = tiny_pixart(**config)
+    save_released(reference, str(tmp_path / "pipeline" / "transformer"))  # a pipeline folder
+    original_checkpoint(ours(str(tmp_path / "pipeline")), str(tmp_path / "PixArt-MS.pth"))
+    convert_main([str(tmp_path / "PixArt-MS.pth"), str(tmp_path / "export"), "--num_heads", "2", "--base_size",
+                  "8", "--pe_interpolation", "1"])
+    assert "model.safetensors" in capsys.readouterr().out
+    spec = yaml.safe_load(open(tmp_path / "export" / "backbone.yaml"))
+    assert spec["class_path"] == "lit_dimba.models.Backbone" and spec["init_args"]["micro_conditioning"]
+    backbone = Backbone.from_config(spec["init_args"]).eval()
+    backbone.load_state_dict(load_backbone_state(str(tmp_path / "export")))
+    x, t, y, mask = inputs(height, width)
+    with torch.no_grad():
+        assert (backbone(x, t, y, mask) - diffusers_output(reference, x, t, y, mask)).abs().max() <= 1e-5
+    # the PixArt files are read directly too, converted on load
+    for source in ("pipeline", "PixArt-MS.pth"):
+        direct = load_backbone_state(str(tmp_path / source))
+        assert all(torch.equal(direct[k], v) for k, v in backbone.state_dict().items())
+
+    state = torch.load(tmp_path / "PixArt-MS.pth")
+    state["state_dict"]["blocks.0.attn.extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(SystemExit, match=r"blocks\.0\.mixer\.extra\.weight"):
+        convert_main([str(tmp_path / "extra.pth"), str(tmp_path / "export2"), "--num_heads", "2"])
