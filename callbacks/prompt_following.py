@@ -27,6 +27,9 @@ class PromptFollowing(Callback):
         self.batch_size = batch_size
 
     @torch.no_grad()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.require_text_encoder("callbacks.PromptFollowing generates images from prompts")
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return

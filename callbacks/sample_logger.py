@@ -23,6 +23,9 @@ class SampleLogger(Callback):
         self.every_n_steps = every_n_steps
         self.nrow = nrow
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.require_text_encoder("callbacks.SampleLogger generates images from prompts")
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or not trainer.is_global_zero:

@@ -56,14 +56,17 @@ def encoder_identity(module: DiffusionModule) -> dict:
     checkpoint) are told apart.
     """
     text, vae = module.text_encoder, module.vae
-    features, _ = text([PROBE_CAPTION])
     side = 8 * vae.downsample_factor
     ramp = torch.linspace(-1, 1, 3 * side * side).reshape(1, 3, side, side)
     mean, _ = vae.encode_distribution(ramp)
-    return {
-        "text_encoder": {"class": _class_name(text), "pretrained": _pretrained_id(getattr(text, "encoder", None)),
+    text_identity = None
+    if text is not None:
+        features, _ = text([PROBE_CAPTION])
+        text_identity = {"class": _class_name(text), "pretrained": _pretrained_id(getattr(text, "encoder", None)),
                          "max_length": text.max_length, "hidden_size": text.hidden_size,
-                         "probe": features.flatten()[:16].cpu().tolist()},
+                         "probe": features.flatten()[:16].cpu().tolist()}
+    return {
+        "text_encoder": text_identity,
         "vae": {"class": _class_name(vae), "pretrained": _pretrained_id(getattr(vae, "vae", None)),
                 "latent_channels": vae.latent_channels, "downsample_factor": vae.downsample_factor,
                 "probe": mean.flatten()[:16].cpu().tolist()},
@@ -85,9 +88,12 @@ def identity_differences(cached: dict, current: dict) -> list[str]:
     """Human-readable differences between two ``encoder_identity`` results (empty when they match).
 
     Pretrained ids are not compared (a hub id and a local copy are the same model): class, sizes and probes are.
+    A model without a text encoder (``text_encoder: null``, trained from the cache alone) is not compared on it.
     """
     differences = []
     for name in ("text_encoder", "vae"):
+        if current[name] is None:
+            continue
         for key, theirs in cached[name].items():
             ours = current[name][key]
             if key == "probe":
@@ -156,6 +162,7 @@ def write_feature_cache(module: DiffusionModule, dataset: Dataset, out_dir: str,
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
+    module.require_text_encoder("the feature cache encodes the captions")
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
     storage = parse_dtype(dtype)

@@ -179,3 +179,18 @@ def test_command_line_writes_the_cache_and_fit_trains_from_it(in_tmp):
     ckpt = torch.load("ckpt/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
     assert {"train/loss", "val/loss"} <= set(EventAccumulator("logs/tiny/version_0").Reload().Tags()["scalars"])
+
+    # the T5 can be dropped once the features are cached: it is then never built
+    no_text = [*"fit --config".split(), DEMO, "--config", TINY, "--data.init_args.source", source,
+               "--model.init_args.text_encoder", "null", "--trainer.max_steps", "2"]
+    with pytest.raises(SystemExit, match="text_encoder is null but callbacks.SampleLogger generates images"):
+        main(no_text)
+    callbacks = json.dumps([{"class_path": "callbacks.EMA"},
+                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"dirpath": "ckpt_no_text", "save_last": True}}])
+    main([*no_text, "--trainer.callbacks", callbacks])
+    ckpt = torch.load("ckpt_no_text/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and all(k.startswith("model.") for k in ckpt["state_dict"])
+    online = ["fit", "--config", DEMO, "--config", TINY, "--model.init_args.text_encoder", "null"]
+    with pytest.raises(SystemExit, match="text_encoder is null but data.source SyntheticShapesSource gives captions"):
+        main([*online, "--trainer.callbacks", "[]"])

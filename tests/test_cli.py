@@ -108,7 +108,8 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     (os.path.join(ROOT, "configs", "curriculum", name), os.path.join(ROOT, "configs", base))
     for name, base in (("demo.yaml", "demo.yaml"), ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
                        ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
-    (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml"))]
+    (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
+    (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))]
 
 
 def printed_config(capsys, *configs) -> dict:
@@ -200,11 +201,13 @@ def run_cli(tmp_path, *args):
     (["predict", *BASE, "--data.init_args.predict_prompts", "nope.txt"], "prompt file 'nope.txt' does not exist"),
     (["fit", *BASE, "--model.init_args.backbone.init_args.nope", "3"], "nope"),
     (["fit", "--config", DISTILL, "--config", TINY_DISTILL, "--model.init_args.teacher_checkpoint", "gone.ckpt"],
-     "checkpoint 'gone.ckpt' does not exist"),
+     "model.init_args.teacher_checkpoint: 'gone.ckpt' (the teacher's weights"),
     (["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL, "--model.init_args.student.init_args.layout",
       "[attn, attn]"], "its layout has none"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, expected):
+    os.makedirs(tmp_path / "ckpt")
+    open(tmp_path / "ckpt" / "last.ckpt", "w").close()  # the distillation configs' teacher path exists
     result = run_cli(tmp_path, *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

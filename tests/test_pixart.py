@@ -1,19 +1,28 @@
 """PixArt-alpha import: both formats convert to a Backbone whose output equals diffusers' PixArtTransformer2DModel."""
 
 import argparse
+import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import PixArtTransformer2DModel
+from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lit_dimba.checkpoints import load_backbone_state
+from lit_dimba.conditioning import LatentVAE, TextEncoder, TinyT5TextEncoder
 from lit_dimba.convert.__main__ import main as convert_main
 from lit_dimba.convert.pixart import convert_pixart
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.backbone import Backbone
+from lit_dimba.modules import TeacherDiT
+from main import main
+from tests.conftest import ROOT
+from tests.test_conditioning import TINY_VAE_CONFIG
+from tests.test_sources import image_folder
 
 TOKENS, CAPTION = 6, 32
 # name -> (diffusers config, latent height, width)
@@ -179,3 +188,72 @@ def test_command_writes_an_export_that_loads(tmp_path, capsys):
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(SystemExit, match=r"blocks\.0\.mixer\.extra\.weight"):
         convert_main([str(tmp_path / "extra.pth"), str(tmp_path / "export2"), "--num_heads", "2"])
+
+
+# ------------------------------------------------------------------------------------------- configs, end to end
+PIXART = os.path.join(ROOT, "configs", "pixart_alpha_512.yaml")
+T2MD_PIXART = os.path.join(ROOT, "configs", "t2md_pixart512.yaml")
+
+
+def write_stand_ins() -> PixArtTransformer2DModel:
+    """Tiny files at the paths the PixArt configs name (in the current folder): a PixArt-alpha original .pth, a T5
+    folder, an AutoencoderKL folder and an image folder. Returns the diffusers model the .pth was made from."""
+    reference = tiny_pixart(sample_size=8, out_channels=8)
+    save_released(reference, "diffusers_pixart")
+    os.makedirs("pretrained")
+    original_checkpoint(ours("diffusers_pixart"), "pretrained/PixArt-XL-2-512x512.pth")
+    TinyT5TextEncoder(d_model=CAPTION, max_length=TOKENS).save_pretrained("pretrained/t5-v1_1-xxl")
+    AutoencoderKL.from_config(TINY_VAE_CONFIG).save_pretrained("pretrained/sd-vae-ft-ema")
+    image_folder("data/images", n=6, column="text")
+    return reference
+
+
+@pytest.mark.parametrize("config", [PIXART, T2MD_PIXART])
+def test_missing_pretrained_files_are_all_named(config, in_tmp):
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", config])
+    message = str(error.value)
+    expected = ["./pretrained/PixArt-XL-2-512x512.pth", "./pretrained/t5-v1_1-xxl", "./pretrained/sd-vae-ft-ema"]
+    expected += ["./data/images"] if config == T2MD_PIXART else []
+    assert message.startswith(f"error: {len(expected)} path(s) of the config do not exist") and "\n" not in message
+    for path in expected:
+        assert path in message
+    assert ("model.init_args.teacher_checkpoint" if config == T2MD_PIXART else "model.init_args.init_weights") in message
+
+
+def test_predict_with_pixart_t5_and_vae_files(in_tmp):
+    reference = write_stand_ins()
+    main(["predict", "--config", PIXART, "--config", os.path.join(ROOT, "tests", "configs", "tiny_pixart.yaml")])
+    files = sorted(glob.glob("runs/pixart_alpha_512/predictions/*.png"))
+    assert len(files) == 4
+    images = [np.asarray(Image.open(f)) for f in files]
+    assert images[0].shape == (16, 16, 3) and all(image.std() > 0 for image in images)
+
+    # the module the config builds holds PixArt's network: same output as diffusers'
+    module = TeacherDiT(Backbone(**convert_pixart("pretrained/PixArt-XL-2-512x512.pth", num_heads=2, base_size=4)[1]),
+                        TextEncoder("./pretrained/t5-v1_1-xxl", max_length=TOKENS),
+                        LatentVAE("./pretrained/sd-vae-ft-ema"), init_weights="./pretrained/PixArt-XL-2-512x512.pth")
+    x, t, y, mask = inputs(8, 8)
+    with torch.no_grad():
+        got = module.model.eval()(x, t, y, mask)
+    assert (got - diffusers_output(reference, x, t, y, mask)).abs().max() <= 1e-5
+
+
+def test_t2md_stages_from_pixart_files(in_tmp):
+    write_stand_ins()
+    tiny = os.path.join(ROOT, "tests", "configs", "tiny_pixart_distill.yaml")
+    main(["fit", "--config", T2MD_PIXART, "--config", tiny])
+    ckpt = torch.load("runs/t2md_pixart512/forcing/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["teacher"]["checkpoint"] == "./pretrained/PixArt-XL-2-512x512.pth"
+    pixart, _ = convert_pixart("pretrained/PixArt-XL-2-512x512.pth")
+    student = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()}
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    copied = [k for k in student if ".mixer." not in k]
+    assert len(copied) > 20 and all(torch.equal(student[k], pixart[k]) for k in copied)
+    assert torch.equal(student["blocks.0.mixer.qkv.weight"], pixart["blocks.0.mixer.qkv.weight"])  # kept attention
+    assert "blocks.1.mixer.mamba.in_proj.weight" in student  # the Mamba block that forcing trains
+
+    main(["fit", "--config", T2MD_PIXART, "--config", os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), "--config", tiny])
+    kd = torch.load("runs/t2md_pixart512/kd/checkpoints/last.ckpt", weights_only=True)
+    assert kd["global_step"] == 2
+    assert not torch.equal(kd["state_dict"]["model.blocks.0.mixer.qkv.weight"], pixart["blocks.0.mixer.qkv.weight"])

@@ -25,13 +25,17 @@ class FrozenModule(nn.Module):
         return super().train(False)
 
 
-def check_local_path(pretrained: str, hint: str) -> None:
+def looks_local(pretrained: str) -> bool:
     """
-    Raise FileNotFoundError if ``pretrained`` is meant as a local folder but does not exist.
+    True if ``pretrained`` names a local folder rather than a Hugging Face hub id.
 
-    A Hugging Face hub id has the form ``name`` or ``org/name``; anything that starts like a file-system path
-    (``/``, ``.``, ``~``) or has more than one ``/`` is taken as a local folder.
+    A hub id has the form ``name`` or ``org/name``; anything that starts like a file-system path (``/``, ``.``,
+    ``~``) or has more than one ``/`` is taken as a local folder.
     """
-    looks_local = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
+    return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
+
+
+def check_local_path(pretrained: str, hint: str) -> None:
+    """Raise FileNotFoundError if ``pretrained`` is meant as a local folder (``looks_local``) but does not exist."""
+    if looks_local(pretrained) and not os.path.isdir(os.path.expanduser(pretrained)):
         raise FileNotFoundError(f"pretrained={pretrained!r} is not an existing local folder. {hint}")

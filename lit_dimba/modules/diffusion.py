@@ -50,7 +50,9 @@ class DiffusionModule(L.LightningModule):
     Args:
         backbone: the trained network.
         text_encoder: frozen caption encoder; its ``max_length``/``hidden_size`` must match the backbone's
-            ``token_num``/``caption_channels``.
+            ``token_num``/``caption_channels``. None (``text_encoder: null``) when training from a feature cache
+            (``datamodules.cache``): the T5 is then never loaded, and nothing that encodes prompts (test, predict,
+            sample logging) can run.
         vae: frozen latent autoencoder (``LatentVAE``) or ``PixelSpace``; its channels must match the backbone.
         diffusion: schedule, targets and loss.
         caption_dropout: probability of replacing a caption by the null caption in training (for CFG).
@@ -73,7 +75,7 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
-        text_encoder: TextEncoder,
+        text_encoder: TextEncoder | None,
         vae: LatentVAE | PixelSpace,
         diffusion: GaussianDiffusion | None = None,
         caption_dropout: float = 0.1,
@@ -87,10 +89,10 @@ class DiffusionModule(L.LightningModule):
         if backbone.in_channels != vae.latent_channels:
             raise ConfigError(f"backbone.in_channels={backbone.in_channels} but the VAE gives "
                               f"{vae.latent_channels} latent channels; set backbone.in_channels={vae.latent_channels}")
-        if backbone.caption_channels != text_encoder.hidden_size:
+        if text_encoder is not None and backbone.caption_channels != text_encoder.hidden_size:
             raise ConfigError(f"backbone.caption_channels={backbone.caption_channels} but the text encoder gives "
                               f"{text_encoder.hidden_size}; set backbone.caption_channels={text_encoder.hidden_size}")
-        if backbone.token_num != text_encoder.max_length:
+        if text_encoder is not None and backbone.token_num != text_encoder.max_length:
             raise ConfigError(f"backbone.token_num={backbone.token_num} but text_encoder.max_length="
                               f"{text_encoder.max_length}; make them equal")
         self.model = backbone
@@ -117,8 +119,19 @@ class DiffusionModule(L.LightningModule):
         if getattr(datamodule, "buckets", None):
             self.check_resolution(datamodule.bucket_multiple, "data.bucket_multiple")
         source = getattr(datamodule, "source", None)
-        if hasattr(source, "check_encoders"):  # a feature cache must come from this model's encoders
+        cached = hasattr(source, "check_encoders")
+        if cached:  # a feature cache must come from this model's encoders
             source.check_encoders(self)
+        if stage in ("test", "predict"):
+            self.require_text_encoder(f"{stage} generates images from prompts")
+        elif not cached:
+            self.require_text_encoder(f"data.source {type(source).__name__} gives captions, not cached features")
+
+    def require_text_encoder(self, why: str) -> None:
+        """Raise a ConfigError explaining ``why`` a text encoder is needed when the model has none."""
+        if self.text_encoder is None:
+            raise ConfigError(f"model.text_encoder is null but {why}; set model.init_args.text_encoder (e.g. the T5 "
+                              "the feature cache was built with)")
 
     @property
     def token_stride(self) -> int:
@@ -181,6 +194,7 @@ class DiffusionModule(L.LightningModule):
             latents = self.vae.encode(batch["image"])
         if "text_features" in batch:
             return latents, batch["text_features"], batch["text_mask"]
+        self.require_text_encoder("this batch has captions, not cached text features")
         features, mask = self.text_encoder(batch["caption"])
         return latents, features, mask
 
@@ -241,6 +255,7 @@ class DiffusionModule(L.LightningModule):
         not depend on the batch it is generated in. Returns (B, 3, height, width) in [-1, 1].
         """
         sampling = sampling or self.sampling
+        self.require_text_encoder("sampling encodes the prompts")
         self.check_resolution((height, width), "height/width")
         f = self.vae.downsample_factor
         shape = (self.model.in_channels, height // f, width // f)

@@ -64,7 +64,7 @@ class DistillModule(DiffusionModule):
         student: Backbone,
         teacher: Backbone,
         teacher_checkpoint: str,
-        text_encoder: TextEncoder,
+        text_encoder: TextEncoder | None,
         vae: LatentVAE | PixelSpace,
         diffusion: GaussianDiffusion | None = None,
         stage: Literal["forcing", "kd"] = "kd",
