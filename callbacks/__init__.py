@@ -6,5 +6,7 @@ from callbacks.pe_interpolation import PEInterpolation
 from callbacks.prompt_following import PromptFollowing
 from callbacks.resolution_curriculum import ResolutionCurriculum
 from callbacks.sample_logger import SampleLogger
+from callbacks.throughput import Throughput
 
-__all__ = ["EMA", "ImageWriter", "PEInterpolation", "PromptFollowing", "ResolutionCurriculum", "SampleLogger"]
+__all__ = ["EMA", "ImageWriter", "PEInterpolation", "PromptFollowing", "ResolutionCurriculum", "SampleLogger",
+           "Throughput"]

@@ -6,6 +6,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from lit_dimba.strategies import unwrapped_name
 
 
 class EMA(Callback):
@@ -16,6 +19,10 @@ class EMA(Callback):
     ``ema.averaged(pl_module)`` for the sample logger. They are saved in the callback's checkpoint state, so a
     ``--ckpt_path`` resume continues the average and ``test``/``predict`` from a checkpoint sample from them;
     the checkpoint's ``state_dict`` keeps the raw trained weights.
+
+    Under FSDP (``lit_dimba.strategies.DiffusionFSDP``) each rank averages and swaps its own shard of every
+    parameter, with no communication; the checkpoint gets the full average, gathered on save and re-sharded on
+    load, so it is the same tensor dict as under DDP or on one device (names without FSDP's wrapper prefixes).
 
     Args:
         decay: EMA decay per update.
@@ -34,27 +41,73 @@ class EMA(Callback):
         self.every_n_steps = every_n_steps
         self.evaluate_with_ema = evaluate_with_ema
         self.num_updates = 0
-        self.shadow: dict[str, torch.Tensor] = {}
+        self.shadow: dict[str, torch.Tensor] = {}  # fp32, on the parameters' device; this rank's shards under FSDP
+        self._loaded: dict[str, torch.Tensor] | None = None  # a checkpoint's full average, not yet placed
         self._swapped = False
+        self._trainer: L.Trainer | None = None
+        self._pl_module: L.LightningModule | None = None
 
-    def _params(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        return dict(pl_module.model.named_parameters())
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer, self._pl_module = trainer, pl_module
 
-    def _ensure_shadow(self, pl_module: L.LightningModule) -> None:
+    def _fsdp_root(self) -> FullyShardedDataParallel | None:
+        model = getattr(getattr(self._trainer, "strategy", None), "model", None)
+        return model if isinstance(model, FullyShardedDataParallel) else None
+
+    @staticmethod
+    def _params(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """``pl_module.model``'s parameters by their plain names (local shards under FSDP)."""
+        return {unwrapped_name(name): p for name, p in pl_module.model.named_parameters()}
+
+    @torch.no_grad()
+    def _full_shadow(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """The whole average on CPU; under FSDP gathered from every rank's shards (a collective)."""
+        root = self._fsdp_root()
+        if root is None:
+            return {name: t.detach().cpu() for name, t in self.shadow.items()}
         params = self._params(pl_module)
-        if not self.shadow:
-            self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
-            return
-        if self.shadow.keys() != params.keys():
+        raw = {name: p.detach().clone() for name, p in params.items()}
+        for name, p in params.items():
+            p.copy_(self.shadow[name])
+        with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+            full = {name: p.detach().float().cpu().clone() for name, p in self._params(pl_module).items()}
+        for name, p in params.items():
+            p.copy_(raw[name])
+        return full
+
+    @torch.no_grad()
+    def _place(self, pl_module: L.LightningModule, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A whole average as this rank's shadow: moved to the parameters' device, sharded like them under FSDP."""
+        params = self._params(pl_module)
+        if full.keys() != params.keys():
             raise ValueError("the EMA state in the checkpoint does not match this model's parameters; "
                              "resume with the config the checkpoint was trained with")
-        self.shadow = {name: t.to(params[name].device) for name, t in self.shadow.items()}
+        root = self._fsdp_root()
+        if root is None:
+            return {name: full[name].to(p.device, torch.float32) for name, p in params.items()}
+        raw = {name: p.detach().clone() for name, p in params.items()}
+        with FullyShardedDataParallel.summon_full_params(root, writeback=True):
+            for name, p in self._params(pl_module).items():
+                p.copy_(full[name])
+        shards = {name: p.detach().float().clone() for name, p in params.items()}
+        for name, p in params.items():
+            p.copy_(raw[name])
+        return shards
+
+    def _ensure_shadow(self, pl_module: L.LightningModule) -> None:
+        """Start the average from the current weights, or place a loaded one (FSDP restores checkpoints after
+        ``on_fit_start``, so this also runs at the first batch, swap or save)."""
+        if self._loaded is not None:
+            self.shadow, self._loaded = self._place(pl_module, self._loaded), None
+        elif not self.shadow:
+            self.shadow = {name: p.detach().float().clone() for name, p in self._params(pl_module).items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ensure_shadow(pl_module)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._ensure_shadow(pl_module)
         if trainer.global_step % self.every_n_steps:
             return
         decay = self.decay
@@ -75,10 +128,14 @@ class EMA(Callback):
             ema.copy_(current)
         self._swapped = not self._swapped
 
+    def _has_average(self) -> bool:
+        return bool(self.shadow) or self._loaded is not None
+
     @contextmanager
     def averaged(self, pl_module: L.LightningModule):
-        """Context in which ``pl_module.model`` holds the EMA weights (no-op if already swapped in or empty)."""
-        swap = bool(self.shadow) and not self._swapped
+        """Context in which ``pl_module.model`` holds the EMA weights (no-op if already swapped in or empty).
+        Under FSDP every rank must enter it (as every rank must run the model)."""
+        swap = self._has_average() and not self._swapped
         if swap:
             self._ensure_shadow(pl_module)
             self._swap(pl_module)
@@ -91,7 +148,7 @@ class EMA(Callback):
     def _swap_in(self, pl_module: L.LightningModule) -> None:
         if not self.evaluate_with_ema:
             return
-        if not self.shadow:
+        if not self._has_average():
             rank_zero_warn("EMA has no averaged weights yet (no training, no checkpoint); using the raw weights")
             return
         self._ensure_shadow(pl_module)
@@ -120,8 +177,15 @@ class EMA(Callback):
         self._swap_out(pl_module)
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "shadow": {k: v.detach().cpu() for k, v in self.shadow.items()}}
+        """``{"num_updates", "shadow"}`` with the whole average (Lightning calls this on every rank)."""
+        if self._loaded is not None:
+            shadow = self._loaded
+        elif self.shadow and self._pl_module is not None:
+            shadow = self._full_shadow(self._pl_module)
+        else:
+            shadow = {name: t.detach().cpu() for name, t in self.shadow.items()}
+        return {"num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_updates = state_dict["num_updates"]
-        self.shadow = dict(state_dict["shadow"])
+        self.shadow, self._loaded = {}, dict(state_dict["shadow"])

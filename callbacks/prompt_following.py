@@ -26,7 +26,6 @@ class PromptFollowing(Callback):
         self.num_prompts = num_prompts
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.require_text_encoder("callbacks.PromptFollowing generates images from prompts")
 
@@ -35,16 +34,21 @@ class PromptFollowing(Callback):
             return
         datamodule = trainer.datamodule
         prompts = PromptSet(datamodule.source.test_prompts()[: self.num_prompts], datamodule.resolution)
-        share = range(trainer.global_rank, len(prompts), trainer.world_size)
-        loader = DataLoader(torch.utils.data.Subset(prompts, share), batch_size=self.batch_size)
+        # every rank generates the same number of batches (under FSDP each sampling step is a collective): the
+        # shares are padded with repeats of the first prompt, which are not counted
+        share = list(range(trainer.global_rank, len(prompts), trainer.world_size))
+        padded = share + [0] * (-(-len(prompts) // trainer.world_size) - len(share))
+        counted = torch.tensor([1.0] * len(share) + [0.0] * (len(padded) - len(share)), device=pl_module.device)
+        loader = DataLoader(torch.utils.data.Subset(prompts, padded), batch_size=self.batch_size)
         correct = torch.zeros(len(SCORED_ATTRIBUTES), device=pl_module.device)
         count = torch.zeros((), device=pl_module.device)
-        for batch in loader:
+        for i, batch in enumerate(loader):
             judged = pl_module.judge_batch(batch, pl_module.generate_batch(batch))
             if not judged:
                 return
-            correct += torch.stack([judged[k].sum() for k in SCORED_ATTRIBUTES]).to(correct)
-            count += len(batch["caption"])
+            weight = counted[i * self.batch_size: (i + 1) * self.batch_size]
+            correct += torch.stack([(judged[k].to(weight) * weight).sum() for k in SCORED_ATTRIBUTES])
+            count += weight.sum()
         correct = trainer.strategy.reduce(correct, reduce_op="sum")
         count = trainer.strategy.reduce(count, reduce_op="sum")
         for key, value in zip(SCORED_ATTRIBUTES, correct / count.clamp(min=1)):

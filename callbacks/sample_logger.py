@@ -12,8 +12,9 @@ class SampleLogger(Callback):
     """Every ``every_n_steps`` optimizer steps, rank 0 samples ``prompts`` (EMA weights when an ``EMA``
     callback is present) at the data resolution and logs the grid as image ``samples`` to the logger.
 
-    Sampling uses ``pl_module.model`` directly (not a DDP/FSDP wrapper) on rank 0 only, so other ranks never
-    wait on a collective. Settings (sampler, steps, CFG scale, seed) come from the module's ``sampling``.
+    Every rank samples (under FSDP the sampling forward passes gather shards, so all ranks must run them; under
+    DDP nothing waits on rank 0); only rank 0's logger writes. Settings (sampler, steps, CFG scale, seed) come from the
+    module's ``sampling``.
     """
 
     def __init__(self, prompts: list[str], every_n_steps: int = 1000, nrow: int = 4):
@@ -28,9 +29,9 @@ class SampleLogger(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        if step == 0 or step % self.every_n_steps:
             return
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment = getattr(trainer.logger, "experiment", None)  # a no-op stand-in on ranks other than 0
         if not hasattr(experiment, "add_image"):
             return
         ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)

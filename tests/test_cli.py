@@ -109,7 +109,9 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     for name, base in (("demo.yaml", "demo.yaml"), ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
                        ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
     (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
-    (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))]
+    (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))] + [
+    (strategy, os.path.join(ROOT, "configs", base)) for strategy in sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))
+    for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
 
 
 def printed_config(capsys, *configs) -> dict:
@@ -121,7 +123,7 @@ def printed_config(capsys, *configs) -> dict:
 
 def test_every_config_file_is_tested():
     every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-    assert sorted(every) == sorted(STANDALONE + [override for override, _ in OVERRIDES])
+    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES]))
 
 
 @pytest.mark.parametrize("config", STANDALONE)

@@ -121,6 +121,10 @@ class Block(nn.Module):
     x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
     grid (h, w) with h * w = N -> (x (B, N, C), mixer input (B, N, C), mixer output (B, N, C)). The mixer
     input is after norm and modulation, the output before the gate: the pair distillation matches.
+
+    ``mixer_only``: x is a mixer input (B, N, C) and only the token mixer runs (-> (B, N, C); t6, y and mask are
+    unused). Teacher forcing calls the block this way rather than ``block.mixer``, so that wrappers around the
+    block (FSDP gathering its shards, activation checkpointing) take part.
     """
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
@@ -132,7 +136,9 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, t6, y, mask, grid):
+    def forward(self, x, t6, y, mask, grid, mixer_only: bool = False):
+        if mixer_only:
+            return self.mixer(x, grid)
         B, _, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t6.reshape(B, 6, C)

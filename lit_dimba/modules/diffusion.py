@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchvision.utils import make_grid, save_image
 
 from datamodules.synthetic import Scene
@@ -25,6 +26,7 @@ from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
 from lit_dimba.errors import ConfigError, describe_names
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
+from lit_dimba.strategies import unwrapped_name
 
 SCORED_ATTRIBUTES = ("colour", "shape", "position", "size", "all")
 
@@ -164,11 +166,22 @@ class DiffusionModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP clip by the norm over all shards (the root's ``clip_grad_norm_``); otherwise Lightning's."""
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm != "value":
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["backbone_config"] = self.model.config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another architecture with the list of tensors that differ."""
+        """Refuse a checkpoint of another architecture with the list of tensors that differ. (Under FSDP the
+        strategy has already loaded the weights, strictly, and removed them from ``checkpoint``.)"""
+        if "state_dict" not in checkpoint:
+            return
         differ = mismatched_tensors(self, checkpoint["state_dict"])
         if differ:
             theirs = checkpoint.get("backbone_config")
@@ -317,12 +330,12 @@ class DiffusionModule(L.LightningModule):
             for key, correct in self._test_correct.items():
                 scores[key] = (self.trainer.strategy.reduce(correct, reduce_op="sum") / count).item()
                 self.log(f"test/{key}", scores[key], rank_zero_only=True)
+        out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: on every rank
         if self.trainer.is_global_zero:
-            self._write_test_outputs(scores)
+            self._write_test_outputs(scores, out_dir)
 
-    def _write_test_outputs(self, scores: dict[str, float]) -> None:
-        """Save this rank's test grid (PNG + TensorBoard) and the scores (JSON) in the logger's folder."""
-        out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+    def _write_test_outputs(self, scores: dict[str, float], out_dir: str) -> None:
+        """Save this rank's test grid (PNG + TensorBoard) and the scores (JSON) in ``out_dir``."""
         os.makedirs(out_dir, exist_ok=True)
         images = torch.cat(self._test_images) if self._test_images else torch.zeros(0, 3, 8, 8)
         grid = make_grid((images + 1) / 2, nrow=8, padding=2, pad_value=1.0)
@@ -349,6 +362,7 @@ def _drop_frozen_weights(module, state_dict, prefix, local_metadata):
 
 
 def _allow_missing_frozen_weights(module, incompatible_keys):
-    """load_state_dict post-hook: a checkpoint without frozen submodules' weights still loads strictly."""
+    """load_state_dict post-hook: a checkpoint without frozen submodules' weights still loads strictly (also inside
+    FSDP's wrappers)."""
     missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(module.frozen_prefixes)]
+    missing[:] = [k for k in missing if not unwrapped_name(k).startswith(module.frozen_prefixes)]

@@ -137,7 +137,7 @@ class DistillModule(DiffusionModule):
         losses = {}
         for i in self.scan_blocks:
             mixer_in, mixer_out = teacher_io[i]
-            prediction = self.model.blocks[i].mixer(mixer_in, grid)
+            prediction = self.model.blocks[i](mixer_in, None, None, None, grid, mixer_only=True)
             losses[f"forcing/block{i:02d}"] = F.mse_loss(prediction.float(), mixer_out.float())
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses

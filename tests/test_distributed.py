@@ -1,0 +1,135 @@
+"""Several processes through the real CLI on CPU (gloo): DDP fit/test/predict with every callback, and FSDP
+(``lit_dimba.strategies.DiffusionFSDP``) against DDP for the teacher and the distillation wrapper."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import DEMO, ROOT, TINY
+
+DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
+FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
+TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
+FSDP = json.dumps({"class_path": "lit_dimba.strategies.DiffusionFSDP"})
+
+LAUNCHER = '''
+import os, sys
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordCaptions(Callback):
+    """Writes the captions of every training batch of this rank to captions-<rank>.txt."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(f"captions-{trainer.global_rank}.txt", "a") as f:
+            f.writelines(caption + "\\n" for caption in batch["caption"])
+
+
+if __name__ == "__main__":
+    from main import main
+    main(sys.argv[1:])
+    open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
+'''
+
+
+def launch(folder, *args, devices: int = 2, timeout: int = 300):
+    """``main.py`` with ``args`` in ``folder`` on ``devices`` CPU processes; fails the test on error or hang."""
+    (folder / "launch.py").write_text(LAUNCHER)
+    for marker in folder.glob("finished-*"):
+        marker.unlink()
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "launch.py", *args, "--trainer.devices", str(devices)]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
+    return result
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def ema_shadow(checkpoint: dict) -> dict:
+    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))["shadow"]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_ddp_fit_test_predict_with_every_callback(in_tmp):
+    callbacks = json.dumps([
+        {"class_path": "launch.RecordCaptions"},
+        {"class_path": "callbacks.EMA", "init_args": {"decay": 0.5, "warmup": False}},
+        {"class_path": "callbacks.SampleLogger", "init_args": {"every_n_steps": 2, "prompts": ["a red circle"]}},
+        {"class_path": "callbacks.PromptFollowing", "init_args": {"num_prompts": 5, "batch_size": 2}},  # 3 + 2
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ckpt", "save_last": True, "every_n_train_steps": 2}},
+        {"class_path": "callbacks.ImageWriter", "init_args": {"output_dir": "predictions"}},
+        {"class_path": "callbacks.Throughput", "init_args": {"warmup_steps": 1, "output": "speed.json"}},
+    ])
+    base = ["--config", DEMO, "--config", TINY, "--trainer.callbacks", callbacks, "--trainer.strategy", "ddp"]
+    launch(in_tmp, "fit", *base)
+    shards = [open(f"captions-{rank}.txt").read().splitlines() for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 4 * 4  # 4 steps of batch 4 on each rank
+    assert not set(shards[0]) & set(shards[1]), "the ranks saw the same samples"
+    assert load("ckpt/last.ckpt")["global_step"] == 4
+    speed = json.load(open("speed.json"))
+    assert speed["world_size"] == 2 and speed["steps"] == 3 and speed["images_per_sec"] > 0
+
+    launch(in_tmp, "test", *base, "--ckpt_path", "ckpt/last.ckpt")
+    scores = json.load(open("logs/tiny/version_1/test_scores.json"))
+    assert set(scores["scores"]) == {"colour", "shape", "position", "size", "all"}
+    with open("prompts.txt", "w") as f:
+        f.write("a red circle\na blue square\na green triangle\n")
+    launch(in_tmp, "predict", *base, "--ckpt_path", "ckpt/last.ckpt", "--data.init_args.predict_prompts", "prompts.txt")
+    assert sorted(os.listdir("predictions"))[:3] == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp):
+    """Same seed, same run: the weights and the EMA saved under FSDP equal DDP's; the FSDP checkpoint then resumes
+    without FSDP on one process."""
+    args = ["fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+            "--trainer.max_steps", "4", "--trainer.gradient_clip_val", "0.05"]  # clipping is FSDP's own
+    (in_tmp / "ddp").mkdir()  # tiny.yaml fixes the checkpoint folder: one run folder per strategy
+    (in_tmp / "fsdp").mkdir()
+    launch(in_tmp / "ddp", *args, "--trainer.strategy", "ddp")
+    launch(in_tmp / "fsdp", *args, "--trainer.strategy", FSDP)
+    ddp, fsdp = load("ddp/ckpt/last.ckpt"), load("fsdp/ckpt/last.ckpt")
+    assert fsdp["global_step"] == 4 and set(fsdp["state_dict"]) == set(ddp["state_dict"])
+    assert all(k.startswith("model.") for k in fsdp["state_dict"]), "frozen encoders must not be gathered"
+    assert max_difference(ddp["state_dict"], fsdp["state_dict"]) <= 1e-6
+    assert max_difference(ema_shadow(ddp), ema_shadow(fsdp)) <= 1e-6
+    assert max_difference(ema_shadow(fsdp), {k[6:]: v for k, v in fsdp["state_dict"].items()
+                                             if k[6:] in ema_shadow(fsdp)}) > 0, "EMA must differ from the weights"
+
+    launch(in_tmp / "fsdp", *args, "--trainer.max_steps", "6", "--trainer.strategy", "auto",
+           "--ckpt_path", "ckpt/last.ckpt", devices=1)
+    resumed = load("fsdp/ckpt/last.ckpt")
+    assert resumed["global_step"] == 6
+    assert next(v for k, v in resumed["callbacks"].items() if k.startswith("EMA"))["num_updates"] == 6
+
+
+@pytest.mark.parametrize("stage", ["forcing", "kd"])
+def test_distillation_under_fsdp_leaves_the_teacher_whole(stage, in_tmp):
+    launch(in_tmp, "fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+           "--trainer.max_steps", "2", "--trainer.strategy", "auto", devices=1)
+    trained = load("ckpt/last.ckpt")
+    teacher = {**trained["state_dict"], **{"model." + k: v for k, v in ema_shadow(trained).items()}}  # teacher_ema
+    args = ["fit", "--config", DISTILL, "--config", TINY_DISTILL, "--trainer.strategy", FSDP,
+            "--model.init_args.init_student", "null"]
+    if stage == "forcing":
+        args[3:3] = ["--config", FORCING]
+    launch(in_tmp, *args)
+    version = "forcing" if stage == "forcing" else "kd"
+    student = load(f"logs/tiny_distill/{version}/checkpoints/last.ckpt")
+    assert student["global_step"] == 4 and all(k.startswith("model.") for k in student["state_dict"])
+    copied = [k for k in student["state_dict"] if ".mixer." not in k]
+    assert copied and all(torch.equal(student["state_dict"][k], teacher[k]) for k in copied), "only mixers train"
+    mamba = [k for k in student["state_dict"] if "blocks.1.mixer" in k]
+    assert mamba and set(mamba) <= {"model." + k for k in ema_shadow(student)}
