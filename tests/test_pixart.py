@@ -257,3 +257,16 @@ def test_t2md_stages_from_pixart_files(in_tmp):
     kd = torch.load("runs/t2md_pixart512/kd/checkpoints/last.ckpt", weights_only=True)
     assert kd["global_step"] == 2
     assert not torch.equal(kd["state_dict"]["model.blocks.0.mixer.qkv.weight"], pixart["blocks.0.mixer.qkv.weight"])
+
+
+def test_sharded_diffusers_weights(tmp_path):
+    reference = tiny_pixart(sample_size=8, out_channels=8)
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    first = load_file(shards[0])
+    save_file({**first, "caption_projection.y_embedding": torch.randn(TOKENS, CAPTION)}, shards[0])
+    backbone = ours(str(tmp_path))
+    x, t, y, mask = inputs(8, 8)
+    with torch.no_grad():
+        assert (backbone(x, t, y, mask) - diffusers_output(reference, x, t, y, mask)).abs().max() <= 1e-5
