@@ -11,10 +11,12 @@ Parts (``--parts``, default all):
   resume  the tiny demo teacher on ``--gpus`` GPUs, same seed, fp32: DDP vs FSDP (weights, EMA and Adam state of
           the saved checkpoints), then the FSDP run (bf16-mixed) resumed on 1 GPU without FSDP.
 
-    python benchmarks/multi_gpu.py --gpus 2                      # on a 2-GPU machine, ~10 min (Triton autotuning)
+    python benchmarks/multi_gpu.py --gpus 2 --parts speed        # ~10 min on 2 H200s (Triton autotunes t2md once)
+    python benchmarks/multi_gpu.py --gpus 2 --parts loss resume  # ~4 min
     python benchmarks/multi_gpu.py --device cpu --tiny --parts loss resume   # smoke test of the script (gloo)
 
-Runs go to ``--out`` (default ``runs/multi_gpu``), one folder per run with its log.
+Runs go to ``--out`` (default ``runs/multi_gpu``), one folder per run with its log. Set ``TRITON_CACHE_AUTOTUNING=1``
+so that mamba-ssm's kernels are autotuned once, not in every run.
 """
 
 import argparse
@@ -198,9 +200,9 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["dit-xl/2", "t2md"], choices=["dit-xl/2", "t2md"])
     parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=["ddp", "fsdp"],
                         help="multi-GPU strategies of the speed part")
-    parser.add_argument("--batch", type=int, default=8, help="per-GPU batch of the speed part")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of the speed part")
+    parser.add_argument("--batch", type=int, default=16, help="per-GPU batch of the speed part")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the speed part")
     parser.add_argument("--loss_steps", type=int, default=50)
     parser.add_argument("--loss_batch", type=int, default=16, help="per-GPU batch of the multi-GPU loss run")
     parser.add_argument("--resume_steps", type=int, default=10)
