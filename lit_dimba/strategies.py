@@ -58,6 +58,18 @@ class DiffusionFSDP(FSDPStrategy):
                               "to the next, so the EMA weights swapped in for validation and sampling would leak into "
                               "training; use FULL_SHARD, HYBRID_SHARD or NO_SHARD")
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's loading, with a checkpoint of another architecture reported as a ConfigError (FSDP loads the
+        weights itself, before ``DiffusionModule.on_load_checkpoint`` could compare them)."""
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        except RuntimeError as error:
+            if "loading state_dict" not in str(error):
+                raise
+            details = " ".join(line.strip() for line in str(error).splitlines()[1:])
+            raise ConfigError(f"the checkpoint {str(checkpoint_path)!r} does not fit this model ({details[:300]}); "
+                              "build the model with the config the checkpoint was trained with") from error
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         # FSDP moves only what it wraps; the ignored frozen modules and the root's buffers (the noise schedule)
         # must be on the device too

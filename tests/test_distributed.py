@@ -108,6 +108,12 @@ def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp):
     assert max_difference(ema_shadow(fsdp), {k[6:]: v for k, v in fsdp["state_dict"].items()
                                              if k[6:] in ema_shadow(fsdp)}) > 0, "EMA must differ from the weights"
 
+    other = subprocess.run([sys.executable, "launch.py", *args, "--trainer.strategy", FSDP, "--trainer.devices", "2",
+                            "--model.init_args.backbone.init_args.depth", "1", "--ckpt_path", "ckpt/last.ckpt"],
+                           cwd=in_tmp / "fsdp", env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "does not fit this model (" in other.stderr and "blocks.1" in other.stderr
+
     launch(in_tmp / "fsdp", *args, "--trainer.max_steps", "6", "--trainer.strategy", "auto",
            "--ckpt_path", "ckpt/last.ckpt", devices=1)
     resumed = load("fsdp/ckpt/last.ckpt")
