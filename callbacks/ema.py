@@ -12,8 +12,9 @@ from lit_dimba.strategies import unwrapped_name
 
 
 class EMA(Callback):
-    """Keeps ``ema = decay * ema + (1 - decay) * weights`` for ``pl_module.model`` (the trained backbone only:
-    frozen encoders and teachers are never copied).
+    """Keeps ``ema = decay * ema + (1 - decay) * weights`` for the trainable parameters of ``pl_module.model`` (the
+    trained backbone only: frozen encoders and teachers are never copied, and frozen backbone parameters, such as
+    the teacher weights a distillation student keeps, equal their own average and are not shadowed).
 
     The EMA weights are swapped into the model for validation, test and predict (``evaluate_with_ema``) and by
     ``ema.averaged(pl_module)`` for the sample logger. They are saved in the callback's checkpoint state, so a
@@ -64,13 +65,14 @@ class EMA(Callback):
         """The whole average on CPU; under FSDP gathered from every rank's shards (a collective)."""
         root = self._fsdp_root()
         if root is None:
-            return {name: t.detach().cpu() for name, t in self.shadow.items()}
-        params = self._params(pl_module)
+            return {name: t.detach().to("cpu", copy=True) for name, t in self.shadow.items()}
+        params = {name: p for name, p in self._params(pl_module).items() if name in self.shadow}
         raw = {name: p.detach().clone() for name, p in params.items()}
         for name, p in params.items():
             p.copy_(self.shadow[name])
         with FullyShardedDataParallel.summon_full_params(root, writeback=False):
-            full = {name: p.detach().float().cpu().clone() for name, p in self._params(pl_module).items()}
+            full = {name: p.detach().float().cpu().clone() for name, p in self._params(pl_module).items()
+                    if name in self.shadow}
         for name, p in params.items():
             p.copy_(raw[name])
         return full
@@ -79,28 +81,34 @@ class EMA(Callback):
     def _place(self, pl_module: L.LightningModule, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A whole average as this rank's shadow: moved to the parameters' device, sharded like them under FSDP."""
         params = self._params(pl_module)
-        if full.keys() != params.keys():
+        if not full.keys() <= params.keys():
             raise ValueError("the EMA state in the checkpoint does not match this model's parameters; "
                              "resume with the config the checkpoint was trained with")
+        params = {name: params[name] for name in full}
         root = self._fsdp_root()
         if root is None:
-            return {name: full[name].to(p.device, torch.float32) for name, p in params.items()}
+            return {name: full[name].to(p.device, torch.float32, copy=True) for name, p in params.items()}
         raw = {name: p.detach().clone() for name, p in params.items()}
         with FullyShardedDataParallel.summon_full_params(root, writeback=True):
             for name, p in self._params(pl_module).items():
-                p.copy_(full[name])
+                if name in full:
+                    p.copy_(full[name])
         shards = {name: p.detach().float().clone() for name, p in params.items()}
         for name, p in params.items():
             p.copy_(raw[name])
         return shards
 
     def _ensure_shadow(self, pl_module: L.LightningModule) -> None:
-        """Start the average from the current weights, or place a loaded one (FSDP restores checkpoints after
-        ``on_fit_start``, so this also runs at the first batch, swap or save)."""
+        """Place a loaded average, and start the average of every trainable parameter it lacks from its current
+        weights (FSDP restores checkpoints after ``on_fit_start``, so this also runs at the first batch, swap or
+        save)."""
+        if self._loaded is None and self.shadow:
+            return
         if self._loaded is not None:
             self.shadow, self._loaded = self._place(pl_module, self._loaded), None
-        elif not self.shadow:
-            self.shadow = {name: p.detach().float().clone() for name, p in self._params(pl_module).items()}
+        for name, p in self._params(pl_module).items():
+            if p.requires_grad and name not in self.shadow:
+                self.shadow[name] = p.detach().float().clone()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ensure_shadow(pl_module)
@@ -183,7 +191,7 @@ class EMA(Callback):
         elif self.shadow and self._pl_module is not None:
             shadow = self._full_shadow(self._pl_module)
         else:
-            shadow = {name: t.detach().cpu() for name, t in self.shadow.items()}
+            shadow = {name: t.detach().to("cpu", copy=True) for name, t in self.shadow.items()}
         return {"num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state_dict: dict) -> None:

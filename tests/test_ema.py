@@ -57,3 +57,26 @@ def test_ema_warmup_tracks_early_weights():
     ema.on_train_batch_end(FakeTrainer(), module, None, None, 0)
     # first update uses decay min(0.9999, 1/10) = 0.1
     torch.testing.assert_close(ema.shadow["weight"], module.model.weight.detach() - 0.1)
+
+
+def test_frozen_parameters_are_not_shadowed_and_a_partial_average_loads():
+    module = Holder()
+    module.model.bias.requires_grad_(False)
+    ema = EMA(decay=0.9, warmup=False)
+    ema.on_fit_start(None, module)
+    assert set(ema.shadow) == {"weight"}
+    with torch.no_grad():
+        module.model.weight.add_(1.0)
+    ema.on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    state = ema.state_dict()
+    assert set(state["shadow"]) == {"weight"}
+
+    module.model.bias.requires_grad_(True)  # e.g. the exported student tested as a fully trainable model
+    raw = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    restored = EMA()
+    restored.load_state_dict(state)
+    restored.on_test_start(None, module)
+    torch.testing.assert_close(module.model.weight, state["shadow"]["weight"])
+    torch.testing.assert_close(module.model.bias, raw["bias"])  # not averaged: its raw (frozen) value
+    restored.on_test_end(None, module)
+    torch.testing.assert_close(module.model.weight, raw["weight"])
