@@ -67,15 +67,12 @@ class EMA(Callback):
         if root is None:
             return {name: t.detach().to("cpu", copy=True) for name, t in self.shadow.items()}
         params = {name: p for name, p in self._params(pl_module).items() if name in self.shadow}
-        raw = {name: p.detach().clone() for name, p in params.items()}
-        for name, p in params.items():
-            p.copy_(self.shadow[name])
-        with FullyShardedDataParallel.summon_full_params(root, writeback=False):
-            full = {name: p.detach().float().cpu().clone() for name, p in self._params(pl_module).items()
-                    if name in self.shadow}
-        for name, p in params.items():
-            p.copy_(raw[name])
-        return full
+        with restored_after(params):
+            for name, p in params.items():
+                p.copy_(self.shadow[name])
+            with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+                return {name: p.detach().float().cpu().clone() for name, p in self._params(pl_module).items()
+                        if name in self.shadow}
 
     @torch.no_grad()
     def _place(self, pl_module: L.LightningModule, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,15 +85,12 @@ class EMA(Callback):
         root = self._fsdp_root()
         if root is None:
             return {name: full[name].to(p.device, torch.float32, copy=True) for name, p in params.items()}
-        raw = {name: p.detach().clone() for name, p in params.items()}
-        with FullyShardedDataParallel.summon_full_params(root, writeback=True):
-            for name, p in self._params(pl_module).items():
-                if name in full:
-                    p.copy_(full[name])
-        shards = {name: p.detach().float().clone() for name, p in params.items()}
-        for name, p in params.items():
-            p.copy_(raw[name])
-        return shards
+        with restored_after(params):
+            with FullyShardedDataParallel.summon_full_params(root, writeback=True):
+                for name, p in self._params(pl_module).items():
+                    if name in full:
+                        p.copy_(full[name])
+            return {name: p.detach().float().clone() for name, p in params.items()}
 
     def _ensure_shadow(self, pl_module: L.LightningModule) -> None:
         """Place a loaded average, and start the average of every trainable parameter it lacks from its current
@@ -197,3 +191,15 @@ class EMA(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_updates = state_dict["num_updates"]
         self.shadow, self._loaded = {}, dict(state_dict["shadow"])
+
+
+@contextmanager
+def restored_after(params: dict[str, torch.Tensor]):
+    """Context at whose end ``params`` (this rank's values) hold again what they held at its start."""
+    kept = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(kept[name])

@@ -99,7 +99,14 @@ def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[
             "the diffusers PixArt weights lack 'caption_projection.y_embedding', PixArt's learned null caption that "
             "classifier-free guidance and caption dropout use: diffusers' save_pretrained drops it. Convert the "
             "released weights (the hub's transformer/ folder or the original .pth), which hold it")
-    _check_all_used(state, used, missing, "diffusers")
+    unknown = sorted(k for k in state if k not in used)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} tensors are not PixArt-alpha's: {describe_names(unknown)}")
+    if problems:
+        raise ConfigError(f"these diffusers PixArt-alpha weights do not convert: {'; '.join(problems)}")
     return out
 
 
@@ -108,17 +115,6 @@ def convert_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     (recomputed)."""
     return {re.sub(r"^blocks\.(\d+)\.attn\.", r"blocks.\1.mixer.", k): v for k, v in state.items()
             if k != "pos_embed"}
-
-
-def _check_all_used(state: dict, used: set, missing: list[str], fmt: str) -> None:
-    unknown = sorted(k for k in state if k not in used)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
-    if unknown:
-        problems.append(f"{len(unknown)} tensors are not PixArt-alpha's: {describe_names(unknown)}")
-    if problems:
-        raise ConfigError(f"these {fmt} PixArt-alpha weights do not convert: {'; '.join(problems)}")
 
 
 def backbone_config(state: dict[str, torch.Tensor], num_heads: int, base_size: int, pe_interpolation: float) -> dict:
