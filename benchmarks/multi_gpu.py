@@ -30,6 +30,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_dimba.checkpoints import ema_state
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml")
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -165,7 +167,7 @@ def resume(args) -> str:
     a, b = (torch.load(os.path.join(f, "ckpt", "last.ckpt"), map_location="cpu", weights_only=True) for f in (ddp, fsdp))
 
     def ema(c):
-        return next(v for k, v in c["callbacks"].items() if k.startswith("EMA"))["shadow"]
+        return ema_state(c)["shadow"]
 
     def diff(x, y):
         return max((x[k].float() - y[k].float()).abs().max().item() for k in x)

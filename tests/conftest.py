@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -12,3 +14,40 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a fresh folder, so relative run/checkpoint paths of the configs land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# A script that runs main.py, so that Lightning's DDP/FSDP launcher can start it once per rank; it also holds a
+# callback the tests list by class path (launch.RecordCaptions).
+LAUNCHER = '''
+import os, sys
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordCaptions(Callback):
+    """Writes the captions of every training batch of this rank to captions-<rank>.txt."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(f"captions-{trainer.global_rank}.txt", "a") as f:
+            f.writelines(caption + "\\n" for caption in batch["caption"])
+
+
+if __name__ == "__main__":
+    from main import main
+    main(sys.argv[1:])
+    open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
+'''
+
+
+def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = True):
+    """``main.py`` with ``args`` in ``folder`` on ``devices`` CPU processes (gloo); with ``check``, fails the test
+    unless every rank finished without error. Returns the completed process."""
+    (folder / "launch.py").write_text(LAUNCHER)
+    for marker in folder.glob("finished-*"):
+        marker.unlink()
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "launch.py", *args, "--trainer.devices", str(devices)]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
+    return result

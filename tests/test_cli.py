@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_dimba.checkpoints import ema_state
 from lit_dimba.export import main as export_main
 from main import main
 from tests.conftest import DEMO, ROOT, TINY
@@ -25,7 +26,7 @@ def test_fit_test_predict(in_tmp):
     assert ckpt["global_step"] == 4
     weights = ckpt["state_dict"]
     assert weights and all(k.startswith("model.") for k in weights), "frozen encoders must not be checkpointed"
-    ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
+    ema = ema_state(ckpt)
     buffers = {"model.y_embedder.y_embedding"}  # the fixed null caption is a buffer, not averaged
     assert ema["num_updates"] == 4 and set(ema["shadow"]) == {k[len("model."):] for k in set(weights) - buffers}
     assert any(not torch.equal(ema["shadow"][k[6:]], v) for k, v in weights.items()), "EMA must differ from raw"
@@ -76,7 +77,7 @@ def test_resume_continues_step_and_ema(in_tmp):
     main(["fit", *BASE])
     main(["fit", *BASE, "--trainer.max_steps", "6", "--ckpt_path", "ckpt/last.ckpt"])
     ckpt = torch.load("ckpt/last.ckpt", weights_only=False)
-    ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
+    ema = ema_state(ckpt)
     assert ckpt["global_step"] == 6 and ema["num_updates"] == 6
     assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 6
 

@@ -3,58 +3,24 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import DEMO, ROOT, TINY
+from lit_dimba.checkpoints import ema_state
+from tests.conftest import DEMO, ROOT, TINY, launch
 
 DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
 FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
 TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
 FSDP = json.dumps({"class_path": "lit_dimba.strategies.DiffusionFSDP"})
 
-LAUNCHER = '''
-import os, sys
-from lightning.pytorch.callbacks import Callback
-
-
-class RecordCaptions(Callback):
-    """Writes the captions of every training batch of this rank to captions-<rank>.txt."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        with open(f"captions-{trainer.global_rank}.txt", "a") as f:
-            f.writelines(caption + "\\n" for caption in batch["caption"])
-
-
-if __name__ == "__main__":
-    from main import main
-    main(sys.argv[1:])
-    open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
-'''
-
-
-def launch(folder, *args, devices: int = 2, timeout: int = 300):
-    """``main.py`` with ``args`` in ``folder`` on ``devices`` CPU processes; fails the test on error or hang."""
-    (folder / "launch.py").write_text(LAUNCHER)
-    for marker in folder.glob("finished-*"):
-        marker.unlink()
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "launch.py", *args, "--trainer.devices", str(devices)]
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
-    return result
-
-
 def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def ema_shadow(checkpoint: dict) -> dict:
-    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))["shadow"]
+    return ema_state(checkpoint)["shadow"]
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -108,17 +74,15 @@ def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp):
     assert max_difference(ema_shadow(fsdp), {k[6:]: v for k, v in fsdp["state_dict"].items()
                                              if k[6:] in ema_shadow(fsdp)}) > 0, "EMA must differ from the weights"
 
-    other = subprocess.run([sys.executable, "launch.py", *args, "--trainer.strategy", FSDP, "--trainer.devices", "2",
-                            "--model.init_args.backbone.init_args.depth", "1", "--ckpt_path", "ckpt/last.ckpt"],
-                           cwd=in_tmp / "fsdp", env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
-                           capture_output=True, text=True, timeout=300)
+    other = launch(in_tmp / "fsdp", *args, "--trainer.strategy", FSDP, "--model.init_args.backbone.init_args.depth", "1",
+                   "--ckpt_path", "ckpt/last.ckpt", check=False)
     assert other.returncode != 0 and "does not fit this model (" in other.stderr and "blocks.1" in other.stderr
 
     launch(in_tmp / "fsdp", *args, "--trainer.max_steps", "6", "--trainer.strategy", "auto",
            "--ckpt_path", "ckpt/last.ckpt", devices=1)
     resumed = load("fsdp/ckpt/last.ckpt")
     assert resumed["global_step"] == 6
-    assert next(v for k, v in resumed["callbacks"].items() if k.startswith("EMA"))["num_updates"] == 6
+    assert ema_state(resumed)["num_updates"] == 6
 
 
 @pytest.mark.parametrize("stage", ["forcing", "kd"])

@@ -4,8 +4,6 @@ bad input, a training step from each, and mid-epoch resume."""
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import datasets
@@ -19,7 +17,7 @@ from datamodules import CaptionImageDataModule, HFDatasetSource, ImageFolderSour
 from datamodules.buckets import bucket_sizes, nearest_bucket
 from lit_dimba.errors import ConfigError
 from main import main
-from tests.conftest import DEMO, TINY
+from tests.conftest import DEMO, TINY, launch
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30), (200, 30, 200), (30, 200, 200)]
 
@@ -254,30 +252,16 @@ def test_training_steps_on_buckets_through_the_cli(in_tmp):
         main(args + ["--data.init_args.bucket_multiple", "2"])
 
 
-DDP_SCRIPT = """
-import os, sys
-from main import main
-main(sys.argv[1:])
-open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
-"""
-
-
 def test_ddp_with_buckets_finishes_every_epoch_on_both_ranks(in_tmp):
     """Two CPU processes (gloo) through Lightning's DDP, 2 epochs on uneven buckets: no rank waits at the end."""
     root = image_folder(in_tmp / "data", n=16, sizes=lambda i: SHAPES[i % 3])  # buckets of 6, 5 and 5 images
     source = source_yaml(in_tmp, {"class_path": "datamodules.ImageFolderSource",
                                   "init_args": {"root": root, "caption_column": "caption", "num_val": 0}})
-    (in_tmp / "ddp.py").write_text(DDP_SCRIPT)
-    args = ["fit", "--config", DEMO, "--config", TINY, "--data.init_args.source", source,
-            "--data.init_args.buckets", "true", "--data.init_args.bucket_multiple", "4", "--data.init_args.batch_size",
-            "2", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
-            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "false",
-            "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "ddp.py", *args], cwd=in_tmp, env=env, capture_output=True, text=True,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(in_tmp, "fit", "--config", DEMO, "--config", TINY, "--data.init_args.source", source,
+           "--data.init_args.buckets", "true", "--data.init_args.bucket_multiple", "4", "--data.init_args.batch_size",
+           "2", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+           "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "false",
+           "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", timeout=240)
     assert sorted(p.name for p in in_tmp.glob("finished-*")) == ["finished-0", "finished-1"]
     steps = EventAccumulator("logs/tiny/version_0").Reload().Scalars("train/loss")
     # 3 + 2 + 2 = 7 full batches per epoch: an odd count, cut to 6 so that each rank runs 3 per epoch
