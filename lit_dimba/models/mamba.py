@@ -1,13 +1,18 @@
-"""Mamba-2 token mixer (SSD, Dao & Gu, arXiv 2405.21060) and its 2-D scan over image tokens.
+"""Mamba-2 token mixer (SSD, Dao & Gu, arXiv 2405.21060) and its 2-D bidirectional scan over image tokens.
 
 ``Mamba2`` names and shapes its parameters like ``mamba_ssm.modules.mamba2.Mamba2`` (mamba-ssm 2.2/2.3) with
 its default options (ngroups=1, rmsnorm=True, norm_before_gate=False, bias=False, conv_bias=True), so state
-dicts load in either direction. Its selective scan runs either mamba-ssm's fused Triton kernel (CUDA only,
-optional install) or ``ssd_chunked``, the paper's block decomposition in plain PyTorch (any device); the
-``kernel`` argument picks one at run time.
+dicts load in either direction. Its conv and scan are the functions of ``lit_dimba.models.mamba_ops``: mamba-ssm's
+fused Triton scan and causal-conv1d's conv on CUDA (optional installs), plain PyTorch anywhere; the ``kernel``
+argument picks at run time.
 
-Shapes: b batch, l sequence length, h heads, p head dim, g groups (B and C are shared by the h / g heads of a
-group; head k reads group k // (h / g)), n state size, T chunk size, c number of chunks.
+``Scan2D`` runs one ``Mamba2`` over a token grid in several scan orders (row- or column-first, forwards and
+backwards) with work shared between them: the per-token layers (``in_proj``, the gated norm, ``out_proj`` and the
+fusion) see every token once, in row-major order; only the conv and the scan, which depend on the order, run on
+the sequences, which one gather builds and one gather undoes.
+
+Shapes: b batch, l sequence length, h heads, p head dim, g groups, n state size; B, N, C batch, tokens and width
+of the image-token sequence, S the number of scan sequences (2 when bidirectional).
 """
 
 import math
@@ -17,108 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_dimba.errors import ConfigError
+from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gather_rows,
+                                        mamba_ssm_scan_functions, ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
+GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """t in float32, or in its own dtype when that is wider (float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def segsum(x: torch.Tensor) -> torch.Tensor:
-    """Segment sums of per-step log-decays as a causal matrix.
-
-    x: (..., T) -> (..., T, T) with out[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i (0 on the
-    diagonal) and -inf above it, so ``exp(segsum(x))`` is the decay from step j to step i with exact zeros
-    above the diagonal. Each entry sums only its own segment (a masked cumsum down the columns) rather than
-    differencing two long prefix sums, so small decays stay exact next to large ones.
-    """
-    T = x.shape[-1]
-    ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
-    x = x[..., :, None].expand(*x.shape, T).masked_fill(~ones.tril(-1), 0)  # [..., i, j] = x_i for i > j
-    return x.cumsum(dim=-2).masked_fill(~ones.tril(), float("-inf"))
-
-
-def ssd_naive(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Reference SSD scan: the recurrence, one time step at a time (for tests).
-
-    x: (b, l, h, p), dt: (b, l, h) positive steps, A: (h,) negative rates, B, C: (b, l, g, n).
-    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T (per head, h_t: (p, n)), y_t = h_t C_t.
-    Returns y: (b, l, h, p) in x.dtype (computed in at least float32), without the D skip term.
-    """
-    dtype = x.dtype
-    x, dt, A, B, C = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, dt, A, B, C))
-    b, l, h, p = x.shape
-    heads_per_group = h // B.shape[2]
-    B, C = B.repeat_interleave(heads_per_group, dim=2), C.repeat_interleave(heads_per_group, dim=2)
-    state = x.new_zeros(b, h, p, B.shape[-1])
-    ys = []
-    for t in range(l):
-        update = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]  # (b, h, p, n)
-        state = torch.exp(dt[:, t] * A)[..., None, None] * state + update
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    return torch.stack(ys, dim=1).to(dtype)
-
-
-def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
-    """SSD scan by the paper's block decomposition of the (l x l) semiseparable matrix into T x T blocks.
-
-    x: (b, l, h, p), dt: (b, l, h) positive steps (after softplus), A: (h,) negative rates, B, C: (b, l, g, n),
-    chunk_size: T (any l works: the sequence is zero-padded to a multiple of T at the end, where dt = 0 adds
-    nothing and, being after every real step, changes none of them).
-    Returns y: (b, l, h, p) in x.dtype, computed in at least float32, without the D skip term; equal to
-    ``ssd_naive`` up to rounding.
-
-    The four steps: (1) diagonal blocks, the quadratic "attention" form inside each chunk; (2) the state each
-    chunk leaves from its own inputs; (3) the recurrence passing states from chunk to chunk; (4) the
-    contribution of the state entering each chunk to its outputs.
-    """
-    in_dtype, dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    r, T = h // g, chunk_size
-    pad = -l % T
-    x, dt, B, C = (F.pad(t.to(dtype), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    c = (l + pad) // T
-    x = x.reshape(b, c, T, g, r, p)
-    B, C = B.reshape(b, c, T, g, n), C.reshape(b, c, T, g, n)
-    dA = (dt * A.to(dtype)).reshape(b, c, T, h).transpose(2, 3)  # (b, c, h, T) per-step log-decay
-    xdt = x * dt.reshape(b, c, T, g, r, 1)  # (b, c, T, g, r, p)
-
-    # (1) y_i = sum_{j <= i} (C_i . B_j) exp(dA_{j+1} + ... + dA_i) dt_j x_j within the chunk.
-    decay = torch.exp(segsum(dA)).reshape(b, c, g, r, T, T)  # [..., i, j]
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)[:, :, :, None] * decay
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
-
-    # (2) State at the chunk's end from its own inputs: sum_j exp(dA_{j+1} + ... + dA_{T-1}) dt_j x_j B_j^T,
-    # the decays being the last row of the within-chunk decay matrix.
-    states = torch.einsum("bcgrj,bcjgrp,bcjgn->bcgrpn", decay[..., -1, :], xdt, B)
-
-    # (3) State after chunk k: sum_{m <= k} exp(total log-decay of chunks m+1..k) states_m; chunk k starts
-    # from the state after chunk k - 1 (zero for the first).
-    carry = torch.exp(segsum(dA.sum(-1).transpose(1, 2))).reshape(b, g, r, c, c)  # [..., k, m]
-    ends = torch.einsum("bgrkm,bmgrpn->bkgrpn", carry, states)
-    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
-
-    # (4) y_i += exp(dA_0 + ... + dA_i) C_i . start state.
-    lead_in = torch.exp(dA.cumsum(-1)).reshape(b, c, g, r, T)
-    y = y + torch.einsum("bcign,bcgrpn,bcgri->bcigrp", C, starts, lead_in)
-    return y.reshape(b, c * T, h, p)[:, :l].to(in_dtype)
-
-
-def _import_kernels():
-    """(mamba-ssm's fused SSD scan, causal-conv1d's conv), each None when its package does not import."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        mamba_chunk_scan_combined = None
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except ImportError:
-        causal_conv1d_fn = None
-    return mamba_chunk_scan_combined, causal_conv1d_fn
+def gated_rms(x: torch.Tensor, z: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """mamba-ssm's gated RMSNorm (norm_before_gate=False) without its weight: rmsnorm(x * silu(z)), the RMS taken
+    over groups of ``group_size`` channels. x, z broadcastable (..., dim) -> (..., dim) in at least float32."""
+    y = (at_least_fp32(x) * F.silu(at_least_fp32(z))).unflatten(-1, (-1, group_size))
+    return (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)).flatten(-2)
 
 
 class RMSNormGated(nn.Module):
@@ -135,9 +50,7 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = (_at_least_fp32(x) * F.silu(_at_least_fp32(z))).unflatten(-1, (-1, self.group_size))
-        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
-        return (y.flatten(-2) * self.weight).to(x.dtype)
+        return (gated_rms(x, z, self.group_size, self.eps) * self.weight).to(x.dtype)
 
 
 class Mamba2(nn.Module):
@@ -146,17 +59,18 @@ class Mamba2(nn.Module):
     in_proj gives z (gate, d_inner), xBC (conv_dim = d_inner + 2 * ngroups * d_state) and dt (nheads);
     xBC goes through a causal depthwise conv and SiLU and splits into x (nheads x headdim), B and C
     (ngroups x d_state); the SSD scan with dt = softplus(dt + dt_bias), A = -exp(A_log) and skip D gives y,
-    and out_proj(rmsnorm(y * silu(z)) * norm.weight) is the output.
+    and out_proj(rmsnorm(y * silu(z)) * norm.weight) is the output. ``forward`` is ``in_projection``, ``scan``
+    and that output; ``Scan2D`` calls the first two itself to share the per-token work between scan orders.
 
     Args:
         d_model: token width; d_inner = expand * d_model, nheads = d_inner / headdim.
         d_state, d_conv, expand, headdim, ngroups: as in mamba-ssm.
         A_init_range, dt_min, dt_max, dt_init_floor: initialisation of A_log and dt_bias (``init_ssm_parameters``).
         chunk_size: T of the chunked scan (both kernels).
-        kernel: "auto": mamba-ssm's Triton scan (and causal-conv1d's conv, when installed) for CUDA inputs where
-            mamba-ssm imports, else plain PyTorch; "torch": plain PyTorch always; "mamba_ssm": mamba-ssm's scan
-            always (a ConfigError for non-CUDA inputs or without mamba-ssm), with causal-conv1d's conv when
-            installed, else nn.Conv1d.
+        kernel: "auto": mamba-ssm's Triton scan for CUDA inputs where mamba-ssm imports, else plain PyTorch;
+            "torch": plain PyTorch always; "mamba_ssm": mamba-ssm's scan always (a ConfigError for non-CUDA inputs
+            or without mamba-ssm). Except with "torch", the conv runs causal-conv1d's CUDA kernel where it is
+            installed (``mamba_ops.causal_conv1d_silu``).
 
     Initialisation: ``in_proj``, ``conv1d`` and ``out_proj`` start with PyTorch's defaults and ``norm.weight`` with
     ones; ``dt_bias``, ``A_log`` and ``D`` get mamba-ssm's initialisation from ``init_ssm_parameters``; a model
@@ -208,8 +122,9 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.init_ssm_parameters()
 
-        self._chunk_scan, conv = (None, None) if kernel == "torch" else _import_kernels()
-        self._causal_conv = conv if 2 <= d_conv <= 4 else None  # causal-conv1d supports widths 2..4
+        # Resolved once here, not while torch.compile traces.
+        self._has_mamba_ssm = kernel != "torch" and mamba_ssm_scan_functions() is not None
+        self._conv_kernel = None if kernel == "torch" else causal_conv1d_kernel()
 
     def reset_parameters(self):
         """mamba-ssm's initialisation of everything a surrounding model's init may overwrite: PyTorch-default
@@ -230,51 +145,90 @@ class Mamba2(nn.Module):
 
     def _fused_scan(self, x: torch.Tensor) -> bool:
         """Whether this call uses mamba-ssm's scan (see ``kernel``); a ConfigError if forced but impossible."""
-        available = x.is_cuda and self._chunk_scan is not None
+        available = x.is_cuda and self._has_mamba_ssm
         if self.kernel == "mamba_ssm" and not available:
             raise ConfigError(
                 f"Mamba2 kernel='mamba_ssm' runs mamba-ssm's Triton kernel, which needs a CUDA input and mamba-ssm "
                 f"installed (pip install -e '.[gpu]'); got a {x.device.type} input and mamba_ssm "
-                f"{'importable' if self._chunk_scan is not None else 'not importable'}. Use kernel='auto' "
+                f"{'importable' if self._has_mamba_ssm else 'not importable'}. Use kernel='auto' "
                 "(mamba-ssm where it can run, else PyTorch) or kernel='torch'"
             )
         return available
 
-    def _conv(self, xBC: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv then SiLU. xBC: (b, l, conv_dim) -> (b, l, conv_dim)."""
-        if xBC.is_cuda and self._causal_conv is not None:
-            weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-            return self._causal_conv(xBC.transpose(1, 2).contiguous(), weight, self.conv1d.bias,
-                                     activation="silu").transpose(1, 2)
-        return F.silu(self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]).transpose(1, 2)
+    def in_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, l, d_model) -> the gate z (b, l, d_inner) and xBCdt (b, l, conv_dim + nheads + pad), views of one
+        GEMM whose output width is padded to a multiple of ``GEMM_MULTIPLE`` (the pad columns are zero and
+        unused; they keep every row aligned, for the GEMM and for causal-conv1d's channel-last reads)."""
+        weight = self.in_proj.weight
+        zxbcdt = F.linear(x, F.pad(weight, (0, 0, 0, -weight.shape[0] % GEMM_MULTIPLE)))
+        return zxbcdt[..., : self.d_inner], zxbcdt[..., self.d_inner:]
+
+    def scan(self, xBCdt: torch.Tensor) -> torch.Tensor:
+        """Conv, SiLU and the SSD scan with its D skip, causal in l: xBCdt (b, l, >= conv_dim + nheads), the conv
+        channels then the raw steps dt, as ``in_projection`` gives them -> y (b, l, d_inner), before gate and norm."""
+        xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], self.conv1d.weight[:, 0], self.conv1d.bias,
+                                 self._conv_kernel)
+        dt = xBCdt[..., self.conv_dim: self.conv_dim + self.nheads]
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))  # (b, l, h, p)
+        B = B.unflatten(-1, (self.ngroups, self.d_state))  # (b, l, g, n)
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        A = -torch.exp(at_least_fp32(self.A_log))  # (h,)
+        scan = ssd_scan if self._fused_scan(xBCdt) else ssd_reference
+        return scan(x, dt, A, B, C, self.D, self.dt_bias, self.chunk_size).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, l, d_model) -> (b, l, d_model), causal in l."""
-        fused = self._fused_scan(x)
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xs, B, C = self._conv(xBC).split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        xs = xs.unflatten(-1, (self.nheads, self.headdim))  # (b, l, h, p)
-        B = B.unflatten(-1, (self.ngroups, self.d_state))  # (b, l, g, n)
-        C = C.unflatten(-1, (self.ngroups, self.d_state))
-        A = -torch.exp(_at_least_fp32(self.A_log))  # (h,)
-        if fused:
-            y = self._chunk_scan(xs, dt, A, B, C, self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias,
-                                 dt_softplus=True, seq_idx=None)
-        else:
-            dt = F.softplus(_at_least_fp32(dt) + self.dt_bias)  # (b, l, h)
-            y = ssd_chunked(xs, dt, A, B, C, self.chunk_size) + xs * self.D[:, None]
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        z, xBCdt = self.in_projection(x)
+        return self.out_proj(self.norm(self.scan(xBCdt), z))
+
+
+def scan_orders(grid: tuple[int, int], order: str, bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """Row-major token indices in scan order: (S, h * w) long, one row per scan sequence.
+
+    order "w" follows the rows (the row-major order itself), "h" the columns (down each column, column after
+    column); ``bidirectional`` adds the same sequence reversed as a second row.
+    """
+    h, w = grid
+    tokens = torch.arange(h * w, device=device)
+    if order == "h":
+        tokens = tokens.view(h, w).t().reshape(-1)
+    return torch.stack([tokens, tokens.flip(0)]) if bidirectional else tokens[None]
+
+
+def scan_gathers(orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two gathers of ``Scan2D`` for scan orders (S, N): into the sequences and back to row-major order.
+
+    Returns ``to_scan`` (S * N,): the row-major token of each sequence position, sequence after sequence;
+    ``to_rows`` (N * S,): for each token and sequence, its position among the S * N sequence positions, so
+    gathering the sequence outputs by it gives them in row-major order, (N, S) per token; ``to_rows_uses`` (S * N, 1):
+    where each sequence position lands in that order (the backward of the second gather). ``to_rows`` viewed as
+    (N, S) also says where each token lands in ``to_scan`` (the backward of the first).
+    """
+    S, N = orders.shape
+    offsets = torch.arange(S, device=orders.device)[:, None]
+    positions = torch.arange(N, device=orders.device).expand(S, N)
+    inverse = torch.empty_like(orders).scatter_(1, orders, positions)  # inverse[s, token] = its position in s
+    to_rows = (inverse + N * offsets).t().contiguous()  # (N, S)
+    to_rows_uses = (orders * S + offsets).reshape(-1, 1)  # (S * N, 1)
+    return orders.reshape(-1), to_rows, to_rows_uses
 
 
 class Scan2D(nn.Module):
     """Mamba-2 token mixer over an (h x w) grid of tokens in row-major order (row i, column j -> i * w + j).
 
     order "w" (width-first) scans the tokens in their row-major order: along each row, row after row.
-    order "h" (height-first) scans them column-major: down each column, column after column (the grid
-    transposed); the output is put back into row-major order.
-    bidirectional: the scan sequence and its reversal are stacked along the batch and run through the same
-    ``mamba`` in one call; the reversed output is flipped back and ``fuse`` (Linear(2C, C)) mixes the
-    concatenation [forward, backward], so each token sees the whole grid. Otherwise one causal scan, no ``fuse``.
+    order "h" (height-first) scans them column-major: down each column, column after column.
+    bidirectional: the scan sequence and its reversal run through the same ``mamba`` in one batched call, and
+    ``fuse`` (Linear(2C, C)) mixes the two outputs [forward, backward] of each token, so each token sees the whole
+    grid. Otherwise one causal scan, no ``fuse``.
+
+    The result equals ``fuse(cat[mamba(seq), flip(mamba(flip(seq)))])`` (``seq`` the tokens in scan order, put
+    back in row-major order), computed without repeating per-token work: ``in_proj`` runs once on the row-major
+    tokens; one gather (``lit_dimba::gather_rows``) puts its conv and dt channels into the S scan sequences; conv
+    and scan run on those; one gather brings the results back to row-major order, where the gated norm runs on
+    both directions against the one gate z; ``norm.weight``, ``out_proj`` and ``fuse`` are folded into one GEMM of width 2 * d_inner when there
+    are more tokens than d_inner (else out_proj then fuse, which costs less then).
 
     forward: x (B, N, C), grid (h, w) with h * w = N -> (B, N, C).
     """
@@ -290,17 +244,27 @@ class Scan2D(nn.Module):
             self.fuse = nn.Linear(2 * d_model, d_model)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         h, w = grid
         if h * w != N:
             raise ValueError(f"grid {h}x{w} has {h * w} tokens but the input has {N}")
-        if self.order == "h":
-            x = x.view(B, h, w, C).transpose(1, 2).reshape(B, N, C)
-        if self.bidirectional:
-            forward, backward = self.mamba(torch.cat([x, x.flip(1)])).chunk(2)
-            y = self.fuse(torch.cat([forward, backward.flip(1)], dim=-1))
-        else:
-            y = self.mamba(x)
-        if self.order == "h":
-            y = y.view(B, w, h, C).transpose(1, 2).reshape(B, N, C)
-        return y
+        mamba = self.mamba
+        z, xBCdt = mamba.in_projection(x)  # (B, N, d_inner), (B, N, conv_dim + nheads + pad)
+        orders = scan_orders(grid, self.order, self.bidirectional, x.device)  # (S, N)
+        S = orders.shape[0]
+        to_scan, to_rows, to_rows_uses = scan_gathers(orders)
+        sequences = gather_rows(xBCdt, to_scan, to_rows).view(B * S, N, -1)  # each sequence in its scan order
+        y = mamba.scan(sequences).reshape(B, S * N, -1)  # (B, S * N, d_inner)
+        y = gather_rows(y, to_rows.view(-1), to_rows_uses).view(B, N, S, -1)  # back in row-major order
+        y = gated_rms(y, z[:, :, None], mamba.norm.group_size, mamba.norm.eps).to(y.dtype)
+        return self.project(y)
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """Gated-normed scan outputs y (B, N, S, d_inner) -> (B, N, C): ``fuse(cat[out_proj(y_s * norm.weight)])``."""
+        weight = self.mamba.out_proj.weight * self.mamba.norm.weight  # (C, d_inner)
+        if not self.bidirectional:
+            return F.linear(y[:, :, 0], weight)
+        if y.shape[0] * y.shape[1] <= y.shape[-1]:  # few tokens: folding would cost more than it saves
+            return self.fuse(F.linear(y, weight).flatten(2))
+        folded = torch.cat([part @ weight for part in self.fuse.weight.chunk(2, dim=1)], dim=1)  # (C, 2 * d_inner)
+        return F.linear(y.flatten(2), folded, self.fuse.bias)

@@ -1,0 +1,277 @@
+"""Mamba-2's two sequence operators as functions: the selective (SSD) scan and the causal depthwise conv.
+
+Each has a plain-PyTorch form, which runs on any device, is differentiable, and is traced and fused by
+``torch.compile``, and an optional CUDA kernel:
+
+- ``ssd_scan``: mamba-ssm's fused Triton SSD scan, registered as the custom op ``lit_dimba::ssd_scan`` with a fake
+  (shape) implementation and a backward op, so that ``torch.compile`` keeps it inside the graph rather than
+  breaking there. Its CPU implementation is ``ssd_reference`` (what ``torch.library.opcheck`` tests on a CPU).
+- ``causal_conv1d_silu``: causal-conv1d's CUDA conv when installed (its 1.7 release registers its kernels as
+  custom ops, so ``torch.compile`` keeps them in the graph); else the PyTorch form (k shifted multiply-adds), which
+  inductor fuses with SiLU.
+- ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
+
+Shapes: b batch, l sequence length, h heads, p head dim, g groups (B and C are shared by the h / g heads of a
+group; head k reads group k // (h / g)), n state size, T chunk size, c number of chunks, d channels, k conv width.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or in its own dtype when that is wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------- PyTorch forms
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """Segment sums of per-step log-decays as a causal matrix.
+
+    x: (..., T) -> (..., T, T) with out[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i (0 on the
+    diagonal) and -inf above it, so ``exp(segsum(x))`` is the decay from step j to step i with exact zeros
+    above the diagonal. Each entry sums only its own segment (a masked cumsum down the columns) rather than
+    differencing two long prefix sums, so small decays stay exact next to large ones.
+    """
+    T = x.shape[-1]
+    ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
+    x = x[..., :, None].expand(*x.shape, T).masked_fill(~ones.tril(-1), 0)  # [..., i, j] = x_i for i > j
+    return x.cumsum(dim=-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def ssd_naive(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Reference SSD scan: the recurrence, one time step at a time (for tests).
+
+    x: (b, l, h, p), dt: (b, l, h) positive steps, A: (h,) negative rates, B, C: (b, l, g, n).
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T (per head, h_t: (p, n)), y_t = h_t C_t.
+    Returns y: (b, l, h, p) in x.dtype (computed in at least float32), without the D skip term.
+    """
+    dtype = x.dtype
+    x, dt, A, B, C = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, dt, A, B, C))
+    b, l, h, p = x.shape
+    heads_per_group = h // B.shape[2]
+    B, C = B.repeat_interleave(heads_per_group, dim=2), C.repeat_interleave(heads_per_group, dim=2)
+    state = x.new_zeros(b, h, p, B.shape[-1])
+    ys = []
+    for t in range(l):
+        update = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]  # (b, h, p, n)
+        state = torch.exp(dt[:, t] * A)[..., None, None] * state + update
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    return torch.stack(ys, dim=1).to(dtype)
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+    """SSD scan by the paper's block decomposition of the (l x l) semiseparable matrix into T x T blocks.
+
+    x: (b, l, h, p), dt: (b, l, h) positive steps (after softplus), A: (h,) negative rates, B, C: (b, l, g, n),
+    chunk_size: T (any l works: the sequence is zero-padded to a multiple of T at the end, where dt = 0 adds
+    nothing and, being after every real step, changes none of them).
+    Returns y: (b, l, h, p) in x.dtype, computed in at least float32, without the D skip term; equal to
+    ``ssd_naive`` up to rounding.
+
+    The four steps: (1) diagonal blocks, the quadratic "attention" form inside each chunk; (2) the state each
+    chunk leaves from its own inputs; (3) the recurrence passing states from chunk to chunk; (4) the
+    contribution of the state entering each chunk to its outputs.
+    """
+    in_dtype, dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, T = h // g, chunk_size
+    pad = -l % T
+    x, dt, B, C = (F.pad(t.to(dtype), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = (l + pad) // T
+    x = x.reshape(b, c, T, g, r, p)
+    B, C = B.reshape(b, c, T, g, n), C.reshape(b, c, T, g, n)
+    dA = (dt * A.to(dtype)).reshape(b, c, T, h).transpose(2, 3)  # (b, c, h, T) per-step log-decay
+    xdt = x * dt.reshape(b, c, T, g, r, 1)  # (b, c, T, g, r, p)
+
+    # (1) y_i = sum_{j <= i} (C_i . B_j) exp(dA_{j+1} + ... + dA_i) dt_j x_j within the chunk.
+    decay = torch.exp(segsum(dA)).reshape(b, c, g, r, T, T)  # [..., i, j]
+    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)[:, :, :, None] * decay
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
+
+    # (2) State at the chunk's end from its own inputs: sum_j exp(dA_{j+1} + ... + dA_{T-1}) dt_j x_j B_j^T,
+    # the decays being the last row of the within-chunk decay matrix.
+    states = torch.einsum("bcgrj,bcjgrp,bcjgn->bcgrpn", decay[..., -1, :], xdt, B)
+
+    # (3) State after chunk k: sum_{m <= k} exp(total log-decay of chunks m+1..k) states_m; chunk k starts
+    # from the state after chunk k - 1 (zero for the first).
+    carry = torch.exp(segsum(dA.sum(-1).transpose(1, 2))).reshape(b, g, r, c, c)  # [..., k, m]
+    ends = torch.einsum("bgrkm,bmgrpn->bkgrpn", carry, states)
+    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
+
+    # (4) y_i += exp(dA_0 + ... + dA_i) C_i . start state.
+    lead_in = torch.exp(dA.cumsum(-1)).reshape(b, c, g, r, T)
+    y = y + torch.einsum("bcign,bcgrpn,bcgri->bcigrp", C, starts, lead_in)
+    return y.reshape(b, c * T, h, p)[:, :l].to(in_dtype)
+
+
+def ssd_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mamba-2's scan as mamba-ssm's kernel computes it, in PyTorch: ``ssd_chunked`` with steps
+    softplus(dt + dt_bias) plus the skip D x.
+
+    x: (b, l, h, p), dt: (b, l, h) raw steps, A: (h,), B, C: (b, l, g, n), D, dt_bias: (h,).
+    Returns (b, l, h, p) in x.dtype, computed in at least float32.
+    """
+    steps = F.softplus(at_least_fp32(dt) + dt_bias)
+    y = ssd_chunked(x, steps, A, B, C, chunk_size) + at_least_fp32(x) * D[:, None]
+    return y.to(x.dtype)
+
+
+def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU of a causal depthwise conv along l, written as k shifted multiply-adds (what inductor fuses).
+
+    x: (b, l, d), weight: (d, k), bias: (d,) -> (b, l, d) in x.dtype, computed in at least float32; equal to
+    ``silu(nn.Conv1d(d, d, k, groups=d, padding=k - 1)(x^T)[..., :l])^T`` (the tap ``weight[:, k - 1]`` meets the
+    current step).
+    """
+    k, l = weight.shape[1], x.shape[1]
+    padded = F.pad(at_least_fp32(x), (0, 0, k - 1, 0))
+    out = bias + sum(padded[:, i: i + l] * weight[:, i] for i in range(k))
+    return F.silu(out).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA kernels
+@functools.cache
+def mamba_ssm_scan_functions():
+    """mamba-ssm's forward and backward of the fused SSD scan, or None when mamba-ssm does not import."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
+    except ImportError:
+        return None
+    return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
+
+
+@functools.cache
+def causal_conv1d_kernel():
+    """causal-conv1d's ``causal_conv1d_fn``, or None when the package (with its CUDA extension) does not import."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        return None
+    return causal_conv1d_fn
+
+
+def _conv_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether causal-conv1d's kernel runs on x (b, l, d) read channel-last: it needs d and the batch and step
+    strides to be multiples of 8 and a width of 2 to 4."""
+    return (x.is_cuda and x.stride(2) == 1 and x.shape[2] % 8 == 0 and x.stride(0) % 8 == 0
+            and x.stride(1) % 8 == 0 and 2 <= weight.shape[1] <= 4)
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel=None) -> torch.Tensor:
+    """SiLU of the causal depthwise conv of x (b, l, d) with weight (d, k), bias (d,) -> (b, l, d) in x.dtype.
+
+    ``kernel``: causal-conv1d's ``causal_conv1d_fn`` (``causal_conv1d_kernel()``), used for CUDA inputs it takes
+    (channel-last strides that are multiples of 8), eagerly and under ``torch.compile`` (causal-conv1d 1.7 registers
+    its kernels as custom ops); otherwise the PyTorch form.
+    """
+    if kernel is not None and _conv_kernel_takes(x, weight):
+        return kernel(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
+    return causal_conv1d_reference(x, weight, bias)
+
+
+@torch.library.custom_op("lit_dimba::ssd_scan", mutates_args=())
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``ssd_reference`` as one operator: mamba-ssm's fused Triton kernels on CUDA, ``ssd_reference`` on a CPU.
+
+    Same arguments and result as ``ssd_reference``; the result is contiguous.
+    """
+    if not x.is_cuda:
+        return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size).contiguous()
+    forward, _ = _require_mamba_ssm()
+    out = forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)[0]
+    return out.contiguous()
+
+
+@ssd_scan.register_fake
+def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, chunk_size):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("lit_dimba::ssd_scan_backward", mutates_args=())
+def ssd_scan_backward(grad: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+    """Gradients of ``ssd_scan`` for ``grad`` (b, l, h, p): (dx, ddt, dA, dB, dC, dD, ddt_bias), each contiguous
+    and in its input's dtype. mamba-ssm's backward kernels on CUDA (they recompute the forward's chunk states), the
+    vector-Jacobian product of ``ssd_reference`` on a CPU."""
+    inputs = (x, dt, A, B, C, D, dt_bias)
+    if not x.is_cuda:
+        _, vjp = torch.func.vjp(lambda *args: ssd_reference(*args, chunk_size), *inputs)
+        grads = vjp(grad)
+    else:
+        _, backward = _require_mamba_ssm()
+        # mamba-ssm's backward reads its ``out`` argument only for its shape when z is None: x has that shape,
+        # so the forward's output need not be kept for the backward.
+        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = backward(grad, x, dt, A, B, C, x, chunk_size, D=D,
+                                                             dt_bias=dt_bias, dt_softplus=True)
+        grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, inputs))
+
+
+@ssd_scan_backward.register_fake
+def _ssd_scan_backward_fake(grad, x, dt, A, B, C, D, dt_bias, chunk_size):
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias))
+
+
+def _ssd_scan_setup_context(ctx, inputs, output):
+    *tensors, ctx.chunk_size = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _ssd_scan_grad(ctx, grad):
+    return (*ssd_scan_backward(grad.contiguous(), *ctx.saved_tensors, ctx.chunk_size), None)
+
+
+ssd_scan.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context)
+
+
+@torch.library.custom_op("lit_dimba::gather_rows", mutates_args=())
+def gather_rows(x: torch.Tensor, index: torch.Tensor, uses: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (b, m, d), index (k,) -> x[:, index] (b, k, d), contiguous: ATen's ``index_select``, as one operator.
+
+    ``uses`` (m, r): the positions in ``index`` where each row of x is taken (every row r times, as when the
+    tokens are put into r scan orders); with it the gradient is a gather too, dx[:, i] = sum_j dout[:, uses[i, j]]:
+    no atomic adds, so it is deterministic. Inside a compiled graph this stays one ATen gather; inductor's own
+    lowering of the gather (an indirect load in a fused kernel) ran 20 to 50 times slower on an H200 (README).
+    """
+    return x.index_select(1, index)
+
+
+@gather_rows.register_fake
+def _gather_rows_fake(x, index, uses=None):
+    return x.new_empty(x.shape[0], index.shape[0], x.shape[2])
+
+
+def _gather_rows_setup_context(ctx, inputs, output):
+    x, _, uses = inputs
+    ctx.rows = x.shape[1]
+    ctx.save_for_backward(uses)
+
+
+def _gather_rows_grad(ctx, grad):
+    (uses,) = ctx.saved_tensors
+    if uses is None:
+        raise RuntimeError("lit_dimba::gather_rows is differentiable only when given `uses`, the positions of each "
+                           "row in `index`")
+    b, _, d = grad.shape
+    return gather_rows(grad.contiguous(), uses.flatten()).view(b, ctx.rows, uses.shape[1], d).sum(2), None, None
+
+
+gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup_context)
+
+
+def _require_mamba_ssm():
+    functions = mamba_ssm_scan_functions()
+    if functions is None:
+        raise RuntimeError("lit_dimba::ssd_scan on CUDA runs mamba-ssm's Triton kernels, but mamba_ssm does not "
+                           "import; install it (pip install -e '.[gpu]') or use Mamba2(kernel='torch')")
+    return functions
