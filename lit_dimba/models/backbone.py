@@ -18,6 +18,7 @@ Names and tensor layouts follow PixArt-alpha so that its checkpoints load by (re
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._dynamo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,6 +29,7 @@ from lit_dimba.models.mamba import Mamba2, Scan2D
 MIXER_KINDS = ("attn", "mamba_h", "mamba_w", "mamba_layer")
 SCAN_KINDS = ("mamba_h", "mamba_w")  # the blocks whose token mixer is a Mamba scan in place of self-attention
 LAYOUTS = ("dit", "dimba", "t2md", "mamba")
+RECOMPILE_LIMIT = 64  # compiled graphs per code object (see ``Backbone.compile_blocks``)
 
 
 @dataclass
@@ -348,9 +350,25 @@ class Backbone(nn.Module):
         pixels and of the aspect ratio H / W (PixArt-alpha 1024-MS)."""
         B, _, H, W = x.shape
         s = self.pixels_per_latent
-        size = x.new_tensor([H * s, W * s], dtype=torch.float32).repeat(B)  # (B * 2,): h0, w0, h1, w1, ...
+        # (B * 2,): h0, w0, h1, w1, ...; filled on the device (no host copy, so it can run in a CUDA graph)
+        size = torch.stack([x.new_full((B,), H * s, dtype=torch.float32),
+                            x.new_full((B,), W * s, dtype=torch.float32)], dim=1).flatten()
         ratio = x.new_full((B,), H / W, dtype=torch.float32)
         return torch.cat([self.csize_embedder(size).reshape(B, -1), self.ar_embedder(ratio)], dim=1)
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block and the final layer in place, with ``options`` (``torch.compile``'s keyword
+        arguments). Parameter names stay as they are; blocks of one kind share their compiled code; a block is the
+        unit that FSDP shards and gradient checkpointing recomputes, so both keep working. The Mamba-2 scan is the
+        custom op ``lit_dimba::ssd_scan``, which stays inside the compiled graph.
+
+        Every compiled module shares one cache of graphs (they are all ``nn.Module.__call__``), one graph per module
+        kind, grad mode (training; validation and sampling) and shape family: more than Dynamo's default limit of
+        8, beyond which it would silently run eagerly. The limit is raised to ``RECOMPILE_LIMIT`` for the process.
+        """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        for module in (*self.blocks, self.final_layer):
+            module.compile(**options)
 
     @property
     def config(self) -> dict:

@@ -10,11 +10,12 @@ prompt-following score) for test/predict.
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchvision.utils import make_grid, save_image
 
@@ -22,6 +23,7 @@ from datamodules.synthetic import Scene
 from lit_dimba.checkpoints import load_backbone_state, load_exact, mismatched_tensors
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
+from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
 from lit_dimba.errors import ConfigError, describe_names
 from lit_dimba.eval.prompt_following import judge
@@ -36,6 +38,9 @@ class Sampling:
     """How images are generated for test, predict and the sample logger.
 
     height/width are pixels; None takes the size each batch carries (the data resolution).
+    cuda_graph: on a CUDA device, run each denoising step (both CFG branches and their combination) by replaying a
+    CUDA graph, captured once per batch shape; with ``compile`` this removes the launch overhead that bounds small
+    images. Ignored on other devices.
     """
 
     sampler: Sampler = "dpm++"
@@ -44,6 +49,7 @@ class Sampling:
     seed: int = 0
     height: int | None = None
     width: int | None = None
+    cuda_graph: bool = False
 
 
 class DiffusionModule(L.LightningModule):
@@ -63,6 +69,12 @@ class DiffusionModule(L.LightningModule):
         init_weights: start ``backbone`` from these weights (a ``.ckpt``, with its EMA average when it has one, or
             an export): a fine-tune with a fresh optimizer and step count, e.g. Dimba's quality tuning. Unlike
             ``--ckpt_path`` nothing else is restored.
+        compile: ``torch.compile`` the backbone's blocks (``Backbone.compile_blocks``) for training, validation,
+            test and predict. ``auto`` (default): on CUDA devices, not on CPUs (where compiling the tiny CPU models
+            costs more than it saves); ``true``: on any device; ``false``: never; or a dict of ``torch.compile``
+            options (e.g. ``{dynamic: false}``), on any device. Checked once when the trainer sets the model up:
+            where torch.compile cannot run (no C++ compiler on a CPU, no Triton on a GPU, an unsupported torch or
+            Python) one warning says why and the model runs eagerly.
 
     Checkpoints hold ``self.model``'s tensors and its constructor arguments (``backbone_config``), never the
     frozen submodules named in ``frozen_prefixes``.
@@ -71,7 +83,7 @@ class DiffusionModule(L.LightningModule):
     # Built from the config, not saved as hyperparameters: LightningCLI re-applies a checkpoint's saved
     # hyperparameters over the command line when --ckpt_path is given, so these stay overridable (e.g. sampling
     # for test/predict from a checkpoint).
-    not_hyperparameters = ("backbone", "text_encoder", "vae", "diffusion", "sampling")
+    not_hyperparameters = ("backbone", "text_encoder", "vae", "diffusion", "sampling", "compile")
     frozen_prefixes = ("text_encoder.", "vae.")
 
     def __init__(
@@ -85,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         sampling: Sampling = Sampling(),
         init_weights: str | None = None,
+        compile: bool | Literal["auto"] | dict = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hyperparameters))
@@ -107,6 +120,9 @@ class DiffusionModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.sampling = sampling
+        self.compile_setting = compile  # not self.compile: that is nn.Module.compile
+        self._compile_checked = False
+        self._sampling_graph = CUDAGraphStep()
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
         self._test_images: list[torch.Tensor] = []
@@ -128,6 +144,28 @@ class DiffusionModule(L.LightningModule):
             self.require_text_encoder(f"{stage} generates images from prompts")
         elif not cached:
             self.require_text_encoder(f"data.source {type(source).__name__} gives captions, not cached features")
+
+    def configure_model(self) -> None:
+        """Compile the trained backbone's blocks (and the teacher's, for distillation) once, if ``compile`` asks and
+        torch.compile works on this trainer's device."""
+        if self._compile_checked:
+            return
+        self._compile_checked = True
+        device = self.trainer.strategy.root_device
+        options = compile_options(self.compile_setting, device)
+        if options is None:
+            return
+        problem = compile_problem(device, options)
+        if problem:
+            rank_zero_warn(f"model.compile is {self.compile_setting!r}, but torch.compile cannot run on {device} "
+                           f"here ({problem}); the model runs in eager mode")
+            return
+        for backbone in self.compiled_backbones():
+            backbone.compile_blocks(**options)
+
+    def compiled_backbones(self) -> list[Backbone]:
+        """The backbones that ``compile`` compiles."""
+        return [self.model]
 
     def require_text_encoder(self, why: str) -> None:
         """Raise a ConfigError explaining ``why`` a text encoder is needed when the model has none."""
@@ -278,7 +316,7 @@ class DiffusionModule(L.LightningModule):
         C = self.model.in_channels
         guided = sampling.cfg_scale != 1.0
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def guided_step(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             if not guided:
                 return self.model(x_t, t, y, mask)[:, :C]
             B = x_t.shape[0]
@@ -286,6 +324,11 @@ class DiffusionModule(L.LightningModule):
             out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y]), torch.cat([mask, mask]), drop)
             cond, uncond = out[:, :C].chunk(2)
             return uncond + sampling.cfg_scale * (cond - uncond)
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if sampling.cuda_graph and x_t.is_cuda:
+                return self._sampling_graph(guided_step, (x_t, t, y, mask), key=sampling.cfg_scale)
+            return guided_step(x_t, t, y, mask)
 
         latents = self.diffusion.sample(denoise, noise.to(self.device), sampling.sampler, sampling.steps)
         return self.vae.decode(latents).clamp(-1, 1)
@@ -353,6 +396,26 @@ class DiffusionModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"images": self.generate_batch(batch), "caption": batch["caption"], "index": batch["index"]}
+
+
+def compile_options(setting: bool | str | dict, device: torch.device) -> dict | None:
+    """``torch.compile`` options for the ``compile`` setting on ``device``, or None for eager mode."""
+    if setting == "auto":
+        return {} if device.type == "cuda" else None
+    if setting is True:
+        return {}
+    return dict(setting) if setting else None
+
+
+def compile_problem(device: torch.device, options: dict) -> str | None:
+    """Why ``torch.compile(**options)`` cannot run on ``device``, in one line, or None when it can: compiles and runs
+    a tiny function there (the compiler's failures, from a missing C++ compiler to an old Triton, show only then)."""
+    try:
+        torch.compile(lambda v: torch.sin(v) * 2 + 1, **options)(torch.ones(8, device=device))
+    except Exception as error:  # noqa: BLE001 - any failure means eager mode; the message says which
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return None
 
 
 def _drop_frozen_weights(module, state_dict, prefix, local_metadata):

@@ -52,7 +52,7 @@ class DistillModule(DiffusionModule):
         trainable: what ``kd`` trains: ``mixers`` (every block's token mixer: the Mamba mixers and the kept
             self-attention), ``mamba`` (the Mamba mixers) or ``all``. ``forcing`` always trains the Mamba mixers.
         Other arguments: as ``DiffusionModule`` (text encoder, VAE, diffusion, caption dropout, optimizer, LR
-            scheduler, sampling for test/predict of the student).
+            scheduler, sampling for test/predict of the student, compile: the student's and the teacher's blocks).
     """
 
     not_hyperparameters = DiffusionModule.not_hyperparameters + (
@@ -78,8 +78,10 @@ class DistillModule(DiffusionModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         sampling: Sampling = Sampling(),
+        compile: bool | Literal["auto"] | dict = "auto",
     ):
-        super().__init__(student, text_encoder, vae, diffusion, caption_dropout, optimizer, lr_scheduler, sampling)
+        super().__init__(student, text_encoder, vae, diffusion, caption_dropout, optimizer, lr_scheduler, sampling,
+                         compile=compile)
         check_pair(teacher, student)
         self.scan_blocks = [i for i, kind in enumerate(student.layout) if kind in SCAN_KINDS]
         if stage == "forcing" and not self.scan_blocks:
@@ -114,6 +116,9 @@ class DistillModule(DiffusionModule):
             parts = name.split(".")
             in_mixer = parts[0] == "blocks" and parts[2] == "mixer"
             p.requires_grad_(in_mixer and self.model.layout[int(parts[1])] in kinds)
+
+    def compiled_backbones(self) -> list[Backbone]:
+        return [self.model, self.teacher]
 
     def train(self, mode: bool = True) -> "DistillModule":
         """Lightning switches the whole module to train mode each epoch; the teacher stays in eval mode."""

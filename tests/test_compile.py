@@ -1,0 +1,80 @@
+"""``compile``: compiled blocks compute what eager blocks compute; the option reaches fit, validate, test and predict
+through the CLI; where torch.compile cannot run, one warning and eager mode."""
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+
+from lit_dimba.models.backbone import Backbone
+from lit_dimba.modules.diffusion import compile_options, compile_problem
+from main import main
+from tests.conftest import DEMO, TINY
+
+
+def randomised(backbone: Backbone) -> Backbone:
+    """Every parameter random (the zero-initialised output layers would hide differences)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return backbone
+
+
+def test_compiled_hybrid_equals_eager():
+    """Inductor on a CPU, PyTorch Mamba-2 kernel: outputs and gradients of an attention and a Mamba block."""
+    torch.manual_seed(0)
+    eager = randomised(Backbone.from_preset("t2md-tiny", layout=["attn", "mamba_h"], depth=2))
+    compiled = randomised(Backbone.from_preset("t2md-tiny", layout=["attn", "mamba_h"], depth=2))
+    compiled.compile_blocks()
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([3, 700])
+    y, mask = torch.randn(2, 16, 32), torch.arange(16).expand(2, 16) < torch.tensor([[9], [16]])
+    outputs = []
+    for model in (eager, compiled):
+        out = model(x, t, y, mask)
+        out.square().mean().backward()
+        outputs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (out_e, grads_e), (out_c, grads_c) = outputs
+    assert out_e.abs().mean() > 0.1
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+    for name, grad in grads_e.items():  # fp32 rounding differs (fused kernels sum in another order)
+        assert (grads_c[name] - grad).norm() <= 1e-3 * grad.norm(), name
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+
+
+def test_compile_option_through_fit_test_predict(in_tmp):
+    """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no
+    code, so the test stays quick) and every stage runs through them."""
+    hybrid = ["--config", DEMO, "--config", TINY, "--model.class_path", "lit_dimba.modules.HybridStudent",
+              "--model.init_args.backbone.init_args.layout", "[mamba_w]",
+              "--model.init_args.compile", "{backend: aot_eager}", "--trainer.max_steps", "2"]
+    torch._dynamo.reset()
+    main(["fit", *hybrid])
+    with open("prompts.txt", "w") as f:
+        f.write("a red circle\n")
+    main(["predict", *hybrid, "--ckpt_path", "ckpt/last.ckpt", "--data.init_args.predict_prompts", "prompts.txt"])
+    main(["test", *hybrid, "--ckpt_path", "ckpt/last.ckpt"])
+    # Dynamo compiled the block's forward for training (with and without grad: validation, sampling).
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_falls_back_with_one_warning(in_tmp, monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    problem = compile_problem(torch.device("cpu"), {})
+    assert problem and "\n" not in problem
+    with pytest.warns(UserWarning, match="torch.compile cannot run on cpu here .* runs in eager mode") as record:
+        main(["fit", "--config", DEMO, "--config", TINY, "--model.init_args.compile", "true",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    assert sum("torch.compile cannot run" in str(w.message) for w in record) == 1
+    torch._dynamo.reset()
+
+
+def test_compile_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert compile_options("auto", cpu) is None and compile_options("auto", cuda) == {}
+    assert compile_options(True, cpu) == {} and compile_options(False, cuda) is None
+    assert compile_options({"dynamic": False}, cpu) == {"dynamic": False}
