@@ -10,11 +10,13 @@ from tests.conftest import ROOT
 def test_hybrid_gpu_script_smoke():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
-         "--parts", "latency", "train", "distill", "--presets", "t2md", "--resolutions", "64", "--train", "64x2",
-         "--iters", "1"],
+         "--parts", "latency", "train", "distill", "--sizes", "64", "128x64", "--modes", "eager", "--iters", "1",
+         "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| t2md | 64^2 | 16 |" in result.stdout
+    assert "FAILED" not in result.stdout, result.stdout[-2000:]
+    assert "| t2md | eager | 128x64 | 32 |" in result.stdout and "| eager | 64x64 |" in result.stdout
+    assert "| t2md | 64^2 | 2 | no |" in result.stdout
     assert "| forcing | 64^2 | 2 |" in result.stdout and "| kd | 64^2 | 2 |" in result.stdout
 
 
