@@ -1,4 +1,4 @@
-"""Keeps the backbone's positional embedding in step with the training resolution (PixArt's convention)."""
+"""Interpolates the backbone's positional embedding across training resolutions (PixArt's convention)."""
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -7,25 +7,32 @@ from lit_dimba.errors import ConfigError
 
 
 class PEInterpolation(Callback):
-    """Sets ``pe_interpolation = resolution / base_resolution`` and ``base_size`` = the token grid at that
-    resolution, from the DataModule's current ``resolution``, before training, validation, test and predict and
-    whenever the resolution changes (a resolution curriculum). So 512^2 -> 1, 1024^2 -> 2, 2048^2 -> 4 with
-    ``base_resolution: 512``, as PixArt-alpha does, and every resolution spans the positions of the base one.
-    Removing the callback from the YAML keeps the PE as configured (an ablation).
+    """PE interpolation across resolutions (PixArt-alpha, Dimba): a larger grid's positions are squeezed into the
+    range the model learned at ``base_resolution`` instead of stepping one per token into positions it never saw.
+
+    Before training, validation, test and predict and whenever the data resolution changes (a resolution
+    curriculum), it sets the backbone's ``base_size`` to None (positions step by ``1 / pe_interpolation`` per token on
+    both axes, also for aspect buckets) and ``pe_interpolation = resolution / base_resolution``: 512^2 -> 1,
+    1024^2 -> 2, 2048^2 -> 4 with ``base_resolution: 512``, as PixArt-alpha's 1024 and 2048 models, and every
+    resolution spans the positions of the base one. Without the callback (or with ``interpolate: false``) the PE
+    stays as configured: with the default ``base_size: null`` a new resolution extrapolates (one step per token).
 
     Args:
         base_resolution: the pixel resolution at which ``pe_interpolation`` is 1.
         mode: also switch the backbone's ``pe_mode`` ("pixart", or "centred": centred and normalised by the long
             edge, for zero-shot higher resolutions and other aspect ratios); None keeps it.
+        interpolate: False keeps ``pe_interpolation`` as configured (the extrapolation ablation; ``mode`` and the
+            logging still apply).
 
     Logs ``data/resolution`` and ``pe/interpolation`` in training.
     """
 
-    def __init__(self, base_resolution: int = 512, mode: str | None = None):
+    def __init__(self, base_resolution: int = 512, mode: str | None = None, interpolate: bool = True):
         if mode not in (None, "pixart", "centred"):
             raise ConfigError(f"PEInterpolation mode={mode!r}; choose 'pixart', 'centred' or null")
         self.base_resolution = base_resolution
         self.mode = mode
+        self.interpolate = interpolate
         self._resolution = None
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -35,8 +42,9 @@ class PEInterpolation(Callback):
         pl_module.check_resolution(resolution, "data.resolution")
         pl_module.check_resolution(self.base_resolution, "PEInterpolation.base_resolution")
         model = pl_module.model
-        model.base_size = resolution // pl_module.token_stride
-        model.pe_interpolation = resolution / self.base_resolution
+        if self.interpolate:
+            model.base_size = None
+            model.pe_interpolation = resolution / self.base_resolution
         if self.mode is not None:
             model.pe_mode = self.mode
         self._resolution = resolution

@@ -51,14 +51,38 @@ def fit_with(name, callbacks, *extra):
 
 
 def test_pe_interpolation_callback_follows_the_data_resolution(in_tmp):
-    # tiny.yaml: pixel space, patch 4, data at 16^2; the demo configures base_size 8, pe_interpolation 1
+    # tiny.yaml: pixel space, patch 4, data at 16^2 (a 4 x 4 grid); the demo leaves base_size null
     plain = fit_with("plain", [])
-    assert (plain["base_size"], plain["pe_interpolation"]) == (8, 1.0), "no callback: as configured"
+    assert (plain["base_size"], plain["pe_interpolation"]) == (None, 1.0), "no callback: as configured"
     callback = {"class_path": "callbacks.PEInterpolation", "init_args": {"base_resolution": 16}}
     config = fit_with("follow", [callback], "--data.init_args.resolution", "32")
-    assert (config["base_size"], config["pe_interpolation"], config["pe_mode"]) == (8, 2.0, "pixart")
+    assert (config["base_size"], config["pe_interpolation"], config["pe_mode"]) == (None, 2.0, "pixart")
     scalars = EventAccumulator("logs/follow/version_0").Reload()
     assert [e.value for e in scalars.Scalars("pe/interpolation")] == [2.0, 2.0]
     assert [e.value for e in scalars.Scalars("data/resolution")] == [32.0, 32.0]
     centred = {"class_path": "callbacks.PEInterpolation", "init_args": {"base_resolution": 16, "mode": "centred"}}
     assert fit_with("centred", [centred])["pe_mode"] == "centred"
+    off = {"class_path": "callbacks.PEInterpolation", "init_args": {"base_resolution": 16, "interpolate": False}}
+    assert fit_with("off", [off], "--data.init_args.resolution", "32")["pe_interpolation"] == 1.0
+
+
+def pe_after_training(name: str, resolution: int, interpolate: bool | None) -> torch.Tensor:
+    """The positional embedding (h, w, hidden) the model has after fitting at ``resolution`` (patch 4, pixel space)
+    with PEInterpolation(base_resolution=16, interpolate) or, for None, without the callback."""
+    callbacks = [] if interpolate is None else [{"class_path": "callbacks.PEInterpolation",
+                                                "init_args": {"base_resolution": 16, "interpolate": interpolate}}]
+    model = Backbone.from_config(fit_with(name, callbacks, "--data.init_args.resolution", str(resolution)))
+    side = resolution // 4
+    return model.pos_embed((side, side), torch.device("cpu"))[0].reshape(side, side, -1)
+
+
+def test_interpolation_changes_the_embedding_off_the_base_resolution(in_tmp):
+    base_plain, base_interp = pe_after_training("a", 16, None), pe_after_training("b", 16, True)
+    torch.testing.assert_close(base_interp, base_plain, rtol=0, atol=0)  # at the base resolution: the same
+    plain, interp, off = (pe_after_training(name, 32, mode) for name, mode in (("c", None), ("d", True), ("e", False)))
+    assert (plain - interp).abs().max() > 0.5, "at twice the base resolution the callback must change the PE"
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)  # interpolate: false is the ablation: as without
+    # Interpolation: every second token of the 8 x 8 grid sits where the 4 x 4 base grid's tokens were.
+    torch.testing.assert_close(interp[::2, ::2], base_plain, rtol=0, atol=1e-6)
+    # Extrapolation: the first 4 x 4 tokens keep the base positions, the rest step on beyond them.
+    torch.testing.assert_close(plain[:4, :4], base_plain, rtol=0, atol=1e-6)

@@ -55,11 +55,11 @@ class MambaConfig:
 
 
 # PixArt-alpha's 512^2 setting: SD-VAE latents 4 x 64 x 64, patch 2, T5-XXL features (4096 x 120 tokens).
-_FULL = dict(patch_size=2, in_channels=4, learn_sigma=True, caption_channels=4096, token_num=120, base_size=32)
+_FULL = dict(patch_size=2, in_channels=4, learn_sigma=True, caption_channels=4096, token_num=120)
 _XL = dict(_FULL, depth=28, hidden_size=1152, num_heads=16)
 # Test size: 4-channel latents, a 32-channel text encoder with 16 tokens, small Mamba-2 mixers.
 _TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4, learn_sigma=True,
-             caption_channels=32, token_num=16, base_size=8, mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16))
+             caption_channels=32, token_num=16, mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16))
 
 PRESETS = {
     "dit-xl/2": dict(_XL, layout="dit"),  # PixArt-alpha XL/2
@@ -200,8 +200,13 @@ class Backbone(nn.Module):
         patch_size: p; inputs need H and W divisible by p.
         in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
         caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
-        base_size: grid size (tokens per side) at which positions step by 1 at ``pe_interpolation`` 1.
-        pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2); a callback may change it in training.
+        base_size: None (default): positions step by ``1 / pe_interpolation`` per token on both axes, whatever the
+            grid: training at a new resolution extrapolates the positions, unless ``callbacks.PEInterpolation`` raises
+            ``pe_interpolation`` with it. An int: PixArt-alpha's formula, each axis stretched to
+            ``base_size / pe_interpolation`` positions (PixArt checkpoints were trained so; their converter sets it).
+            See ``sincos_2d``.
+        pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2); ``callbacks.PEInterpolation`` sets it from the
+            data resolution in training.
         pe_mode: "pixart" (each axis stretched to the same range) or "centred" (centred, one step on both axes,
             normalised by the long edge); see ``sincos_2d``.
         gradient_checkpointing: recompute each block in backward (training only).
@@ -231,7 +236,7 @@ class Backbone(nn.Module):
         learn_sigma: bool = True,
         caption_channels: int = 4096,
         token_num: int = 120,
-        base_size: int = 32,
+        base_size: int | None = None,
         pe_interpolation: float = 1.0,
         pe_mode: str = "pixart",
         gradient_checkpointing: bool = False,

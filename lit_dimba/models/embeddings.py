@@ -23,19 +23,22 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def sincos_2d(dim: int, height: int, width: int, base_size: int, pe_interpolation: float,
+def sincos_2d(dim: int, height: int, width: int, base_size: int | None, pe_interpolation: float,
               device: torch.device | None = None, mode: str = "pixart") -> torch.Tensor:
     """2-D sin-cos positional embedding for a (height x width) token grid.
 
-    ``mode="pixart"`` (PixArt-alpha): coordinates are ``arange(n) / (n / base_size) / pe_interpolation`` per
-    axis, so a grid of ``base_size`` tokens at ``pe_interpolation = 1`` spans positions 0..base_size-1, and
-    doubling the grid with ``pe_interpolation = 2`` spans the same range at half steps. Each axis is stretched
-    to that range, whatever the aspect ratio.
+    ``mode="pixart"``: coordinates ``arange(n) / (n / base) / pe_interpolation`` per axis (PixArt-alpha's formula).
+    With ``base_size`` None the base is each axis's own length n: positions step by ``1 / pe_interpolation`` per
+    token on both axes, so at a fixed ``pe_interpolation`` a larger grid reaches positions a smaller one never had
+    (extrapolation), and raising ``pe_interpolation`` with the grid squeezes it into the range it had
+    (interpolation; ``callbacks.PEInterpolation``). With an int ``base_size`` (PixArt-alpha's checkpoints, whose
+    converter sets it) every axis is stretched to ``base_size / pe_interpolation`` positions whatever its length.
 
     ``mode="centred"``: coordinates are centred on the middle of the grid and share one step on both axes,
-    ``(i - (n - 1) / 2) * base_size / pe_interpolation / max(height, width)``: the long edge spans what PixArt's
-    square grid spans and the short edge proportionally less, so other resolutions and aspect ratios keep the
-    geometry of training (for zero-shot higher resolutions, T2MD's last stage).
+    ``(i - (n - 1) / 2) * base / pe_interpolation / max(height, width)`` with ``base = base_size`` or, when it is
+    None, the long edge (one step of ``1 / pe_interpolation`` per token): the long edge spans what PixArt's square
+    grid spans and the short edge proportionally less, so other resolutions and aspect ratios keep the geometry of
+    training (for zero-shot higher resolutions, T2MD's last stage).
 
     The first ``dim/2`` channels encode the column (width) coordinate, the last ``dim/2`` the row (height)
     coordinate. Returns (height * width, dim) float32, tokens in row-major order (row i, column j -> i * width + j).
@@ -47,10 +50,10 @@ def sincos_2d(dim: int, height: int, width: int, base_size: int, pe_interpolatio
     rows = torch.arange(height, dtype=torch.float64, device=device)
     cols = torch.arange(width, dtype=torch.float64, device=device)
     if mode == "pixart":
-        rows = rows / (height / base_size) / pe_interpolation
-        cols = cols / (width / base_size) / pe_interpolation
+        rows = rows / (height / (base_size or height)) / pe_interpolation
+        cols = cols / (width / (base_size or width)) / pe_interpolation
     else:
-        step = base_size / pe_interpolation / max(height, width)
+        step = (base_size or max(height, width)) / pe_interpolation / max(height, width)
         rows = (rows - (height - 1) / 2) * step
         cols = (cols - (width - 1) / 2) * step
     grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
