@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.buckets import BucketBatchSampler, bucket_sizes
@@ -153,6 +153,13 @@ class CaptionImageDataModule(L.LightningDataModule):
                                                    self.bucket_max_ratio)
         elif self.buckets is not None:
             batch_sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
+        elif world_size > 1 and not isinstance(dataset, IterableDataset):
+            # Each rank's share and order are a function of (seed, epoch), so --ckpt_path resumes mid-epoch exactly;
+            # the sampler Lightning would put around a shuffled loader re-draws its wrapped permutation when the
+            # resumed loader replays it, and continues with other items.
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
+            return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         else:
             return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader)
         return StatefulDataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,

@@ -16,10 +16,10 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-# A script that runs main.py, so that Lightning's DDP/FSDP launcher can start it once per rank; it also holds a
-# callback the tests list by class path (launch.RecordCaptions).
+# A script that runs main.py, so that Lightning's DDP/FSDP launcher can start it once per rank; it also holds
+# callbacks the tests list by class path (launch.RecordCaptions, launch.RecordLosses, launch.KillAt).
 LAUNCHER = '''
-import os, sys
+import os, signal, sys
 from lightning.pytorch.callbacks import Callback
 
 
@@ -29,6 +29,27 @@ class RecordCaptions(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(f"captions-{trainer.global_rank}.txt", "a") as f:
             f.writelines(caption + "\\n" for caption in batch["caption"])
+
+
+class RecordLosses(Callback):
+    """Appends "<step> <loss as float.hex>" of every training step of this rank to losses-<rank>.txt."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(f"losses-{trainer.global_rank}.txt", "a") as f:
+            f.write(f"{trainer.global_step} {loss.item().hex()}\\n")
+
+
+class KillAt(Callback):
+    """SIGKILLs this process at the end of training step ``step`` (before that step's checkpoint is written:
+    Lightning runs checkpoint callbacks last)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

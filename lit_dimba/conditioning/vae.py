@@ -66,12 +66,13 @@ class LatentVAE(FrozenModule):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """
         :param images: [B, 3, H, W] in [-1, 1], H and W divisible by ``downsample_factor``.
+        :param generator: draws the posterior sample (``sample_posterior``); None: the global generator.
         :return: scaled latents [B, C, H / f, W / f] float32: ``posterior_latents`` of ``encode_distribution``.
         """
-        return self.posterior_latents(*self.encode_distribution(images))
+        return self.posterior_latents(*self.encode_distribution(images), generator)
 
     @torch.no_grad()
     def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,15 +91,18 @@ class LatentVAE(FrozenModule):
         mean = (posterior.mean.float() - self.shift_factor) * self.scaling_factor
         return mean, posterior.std.float() * self.scaling_factor
 
-    def posterior_latents(self, mean: Tensor, std: Tensor) -> Tensor:
+    def posterior_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """
         The latents training uses for a scaled posterior: a fresh draw ``mean + std * N(0, 1)`` if
         ``sample_posterior``, else the mean.
 
         :param mean, std: [B, C, h, w], as returned by ``encode_distribution``.
+        :param generator: draws the sample; None: the global generator.
         :return: [B, C, h, w] in the dtype of ``mean``.
         """
-        return mean + std * torch.randn_like(mean) if self.sample_posterior else mean
+        if not self.sample_posterior:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -116,8 +120,8 @@ class PixelSpace(FrozenModule):
     latent_channels = 3
     downsample_factor = 1
 
-    def encode(self, images: Tensor) -> Tensor:
-        """:param images: [B, 3, H, W] in [-1, 1]. :return: the same images as float32."""
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """:param images: [B, 3, H, W] in [-1, 1]. :return: the same images as float32 (nothing is drawn)."""
         return images.float()
 
     def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +129,7 @@ class PixelSpace(FrozenModule):
         mean = images.float()
         return mean, torch.zeros_like(mean)
 
-    def posterior_latents(self, mean: Tensor, std: Tensor) -> Tensor:
+    def posterior_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """:param mean, std: [B, 3, H, W] from ``encode_distribution``. :return: ``mean`` (pixels are exact)."""
         return mean
 

@@ -123,6 +123,8 @@ class DiffusionModule(L.LightningModule):
         self.compile_setting = compile  # not self.compile: that is nn.Module.compile
         self._compile_checked = False
         self._sampling_graph = CUDAGraphStep()
+        self.training_generator: torch.Generator | None = None  # created in on_fit_start
+        self._resumed_generator_state: torch.Tensor | None = None
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
         self._test_images: list[torch.Tensor] = []
@@ -212,12 +214,39 @@ class DiffusionModule(L.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    # ----------------------------------------------------------------------------------------- random streams
+    def on_fit_start(self) -> None:
+        """Create ``training_generator``: the source of every random draw of a training step (timesteps, noise,
+        caption dropout, posterior samples), one per rank, seeded by the run's seed and the rank, or continued from
+        the checkpoint a run resumes (so the steps after a resume draw what the uninterrupted run drew)."""
+        seed = torch.initial_seed() + 1_000_003 * self.global_rank  # seed_everything's seed; ranks draw apart
+        self.training_generator = torch.Generator(self.device).manual_seed(seed % 2**63)
+        if self._resumed_generator_state is not None:
+            self.training_generator.set_state(self._resumed_generator_state)
+            self._resumed_generator_state = None
+
+    def _gathered_generator_states(self) -> torch.Tensor:
+        """(world_size, n) uint8: every rank's ``training_generator`` state (a collective)."""
+        state = self.training_generator.get_state()
+        gathered = self.all_gather(state.to(self.device)) if self.trainer.world_size > 1 else state[None]
+        return gathered.reshape(self.trainer.world_size, -1).cpu()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["backbone_config"] = self.model.config
+        if self.training_generator is not None:
+            checkpoint["training_generators"] = self._gathered_generator_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another architecture with the list of tensors that differ. (Under FSDP the
-        strategy has already loaded the weights, strictly, and removed them from ``checkpoint``.)"""
+        """Take this rank's training generator state to continue from (``on_fit_start``), and refuse a checkpoint of
+        another architecture with the list of tensors that differ. (Under FSDP the strategy has already loaded the
+        weights, strictly, and removed them from ``checkpoint``.)"""
+        states = checkpoint.get("training_generators")
+        if states is not None:
+            if len(states) == self.trainer.world_size:
+                self._resumed_generator_state = states[self.global_rank].clone()
+            else:
+                rank_zero_warn(f"the checkpoint's training random streams are of {len(states)} rank(s), this run has "
+                               f"{self.trainer.world_size}: the draws of the following steps start from fresh seeds")
         if "state_dict" not in checkpoint:
             return
         differ = mismatched_tensors(self, checkpoint["state_dict"])
@@ -231,18 +260,20 @@ class DiffusionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- training
     @torch.no_grad()
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_batch(self, batch: dict, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images and captions -> latents (B, C, h, w), text features (B, L, D), mask (B, L) bool.
 
         A batch from the feature cache (``datamodules.cache``) carries the VAE posterior ``latent_mean`` and
         ``latent_std`` (B, C, h, w) instead of images, and ``text_features`` (B, L, D) and ``text_mask`` (B, L);
         neither encoder runs then. Cached latents follow the VAE's sample policy (``vae.posterior_latents``, as
-        online): the mean, or with ``vae.sample_posterior`` a fresh draw mean + std * N(0, 1) at every step.
+        online): the mean, or with ``vae.sample_posterior`` a fresh draw mean + std * N(0, 1) at every step, from
+        ``generator``.
         """
         if "latent_mean" in batch:
-            latents = self.vae.posterior_latents(batch["latent_mean"], batch["latent_std"])
+            latents = self.vae.posterior_latents(batch["latent_mean"], batch["latent_std"], generator)
         else:
-            latents = self.vae.encode(batch["image"])
+            latents = self.vae.encode(batch["image"], generator)
         if "text_features" in batch:
             return latents, batch["text_features"], batch["text_mask"]
         self.require_text_encoder("this batch has captions, not cached text features")
@@ -277,13 +308,13 @@ class DiffusionModule(L.LightningModule):
 
     def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
         """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
-        x0, y, mask = self.encode_batch(batch)
+        x0, y, mask = self.encode_batch(batch, generator)
         t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator, self.unconditional(batch))
         output = self.model(x_t, t, y, mask, drop)
         return self.diffusion.training_losses(output, x0, noise, x_t, t)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.diffusion_losses(batch, self.caption_dropout)
+        losses = self.diffusion_losses(batch, self.caption_dropout, self.training_generator)
         self.log_skipped(batch)
         B = len(batch["caption"])
         for name, value in losses.items():

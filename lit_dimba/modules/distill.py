@@ -173,14 +173,14 @@ class DistillModule(DiffusionModule):
 
     def distill_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
         """The current stage's losses (scalars) on a noised batch."""
-        x0, y, mask = self.encode_batch(batch)
+        x0, y, mask = self.encode_batch(batch, generator)
         t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator, self.unconditional(batch))
         if self.stage == "forcing":
             return self.forcing_losses(x_t, t, y, mask, drop)
         return self.kd_losses(x0, noise, x_t, t, y, mask, drop)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.distill_losses(batch, self.caption_dropout)
+        losses = self.distill_losses(batch, self.caption_dropout, self.training_generator)
         self.log_skipped(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["caption"]), prog_bar=name == "loss")
