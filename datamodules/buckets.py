@@ -14,6 +14,7 @@ bucket at a time, so every batch stacks into a single (B, 3, H, W) tensor.
 """
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -34,7 +35,9 @@ def bucket_sizes(base_resolution: int, multiple: int, max_ratio: float = 4.0) ->
     is the multiple of ``multiple`` whose area is closest to ``base_resolution**2`` among those at most
     ``MAX_AREA_OVERSHOOT`` above it and with long / short <= ``max_ratio``. Each (short, long) pair is used both as a
     landscape and a portrait bucket, so the table is symmetric under transposition and contains the square
-    (base_resolution, base_resolution).
+    (base_resolution, base_resolution). When that square is the only bucket (e.g. ``multiple`` equal to
+    ``base_resolution``, or half of it with ``max_ratio`` < 3) it warns, naming the numbers: every image would be
+    cropped square.
 
     Example:
         >>> bucket_sizes(256, 64)
@@ -68,6 +71,13 @@ def bucket_sizes(base_resolution: int, multiple: int, max_ratio: float = 4.0) ->
             short = min(fits, key=lambda s: (abs(s * long_side - area), s))
             sizes.update({(short, long_side), (long_side, short)})
         long_side += multiple
+    if len(sizes) == 1 and max_ratio > 1:  # max_ratio 1 asks for the square alone
+        warnings.warn(f"the bucket table for resolution {base_resolution}, multiple {multiple} and max_ratio "
+                      f"{max_ratio} holds only the square ({base_resolution}, {base_resolution}): in steps of "
+                      f"{multiple}, no other shape with long/short <= {max_ratio} has an area near "
+                      f"{base_resolution}^2 (at most {MAX_AREA_OVERSHOOT:.0%} above it), so every image is cropped "
+                      "square; lower the multiple (data.bucket_multiple) well below half the resolution, or raise "
+                      "max_ratio (data.bucket_max_ratio)", stacklevel=2)
     return sorted(sizes, key=lambda hw: (hw[0] / hw[1], hw[0]))
 
 
@@ -91,7 +101,8 @@ def resize_and_crop(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     (up to a pixel of rounding on the other).
 
     Args:
-        image: any PIL image; converted to RGB.
+        image: any PIL image; converted with ``convert("RGB")``, which clips 16-bit values and drops transparency
+            (``datamodules.records.to_rgb`` converts those by range first).
         size: target (height, width).
 
     Returns:

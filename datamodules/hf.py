@@ -3,19 +3,31 @@ any dataset on the hub, in memory-mapped or streaming mode.
 
 An image folder is HF's ``imagefolder`` form: images plus a ``metadata.jsonl`` or ``metadata.csv`` whose
 ``file_name`` column names each image and whose caption column (``caption_column``) holds its text.
+
+Bad input (see ``datamodules.records``): with ``empty_caption: drop`` a loaded (not streamed) split drops its rows
+without a caption up front and says how many and which in one log line; a stream skips them as it reads them and
+counts them with the bad images. A loaded validation split leaves out its unusable records up front (one log line)
+instead of repeating a neighbour in their place.
 """
 
+import logging
 import os
 from functools import cached_property
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import Dataset
 
 from datamodules.buckets import nearest_bucket
 from datamodules.caption_image import CaptionImageSource, read_prompt_file
-from datamodules.records import BadSample, EmptyCaption, RecordDataset, RecordDecoder, RecordStream, check_columns
+from datamodules.records import (BadSample, EmptyCaption, RecordDataset, RecordDecoder, RecordStream, check_columns,
+                                 usable_records)
 from lit_dimba.errors import ConfigError
+
+log = logging.getLogger("lit_dimba.data")
 
 
 class HFDatasetSource(CaptionImageSource):
@@ -94,21 +106,39 @@ class HFDatasetSource(CaptionImageSource):
         if self.score_column:
             wanted["score_column"] = [self.score_column]
         check_columns(columns, wanted, repr(self.where))
-        if self.score_column:
-            column, least = self.score_column, self.min_score
-            records = records.filter(lambda r: r[column] is not None and r[column] >= least)
         for column in self.decode.image_columns:
             if column in columns and isinstance(records.features.get(column), datasets.Image):
                 records = records.cast_column(column, datasets.Image(decode=False))
-        if self.decode.empty_caption == "drop":
-            caption = self.decode.caption_column
-            records = records.filter(lambda r: isinstance(r[caption], str) and bool(r[caption].strip()))
+        if self.decode.empty_caption == "drop" and not self.streaming:  # a stream skips them when it reads them
+            records = self._drop_empty_captions(records, split)
+        if self.score_column:
+            column, least = self.score_column, self.min_score
+            records = records.filter(lambda r: r[column] is not None and r[column] >= least)
         return records
+
+    def _drop_empty_captions(self, records: datasets.Dataset, split: str) -> datasets.Dataset:
+        """The rows whose caption is a non-blank string; the others are reported in one log line (how many, the
+        first few by image path, else by row number in the split)."""
+        column = records.with_format("arrow")[self.decode.caption_column]  # pa.ChunkedArray, one pass in Arrow
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
+        else:
+            blank = np.ones(len(records), dtype=bool)
+        dropped = np.flatnonzero(blank)
+        if len(dropped) == 0:
+            return records
+        first = [self.decode.name(records[int(i)]) or f"row {i}" for i in dropped[:5]]
+        log.warning("%r split %r: dropped %d of %d records with an empty or missing caption (column %r): %s%s; set "
+                    "data.source.empty_caption: unconditional to train them as unconditional samples", self.where,
+                    split, len(dropped), len(records), self.decode.caption_column, ", ".join(first),
+                    ", ..." if len(dropped) > len(first) else "")
+        return records.select(np.flatnonzero(~blank))
 
     def _check_not_empty(self, records, split: str) -> None:
         if not self.streaming and len(records) == 0:
-            raise ConfigError(f"{self.where!r} split {split!r} has no usable samples (every caption is empty, or "
-                              "the split is empty); check the caption column or set empty_caption: unconditional")
+            raise ConfigError(f"{self.where!r} split {split!r} has no usable samples (every caption is empty, every "
+                              "image is unreadable, or the split is empty); check the caption and image columns "
+                              "(the warnings above name the records left out) or set empty_caption: unconditional")
 
     @cached_property
     def _splits(self):
@@ -126,16 +156,16 @@ class HFDatasetSource(CaptionImageSource):
         return train.select(range(n - self.num_val)), train.select(range(n - self.num_val, n))
 
     def image_sizes(self, records) -> list[tuple[int, int]]:
-        """Each record's (height, width), from ``width``/``height`` columns when the data has them, else from the
-        image header (read once, pixels not decoded; an unreadable image counts as square and is skipped when
-        loaded)."""
+        """Each record's (height, width), from ``width``/``height`` columns when the data has them (taken as the
+        upright size), else from the image header as displayed: a JPEG whose EXIF orientation turns it sideways
+        gets its width and height swapped, as decoding will turn its pixels (read once, pixels not decoded; an
+        unreadable image counts as square and is skipped when loaded)."""
         if {"width", "height"} <= set(records.column_names):
             return list(zip(records["height"], records["width"]))
         sizes = []
         for record in records:
             try:
-                width, height = self.decode.open(record).size
-                sizes.append((height, width))
+                sizes.append(self.decode.size(record))
             except BadSample:
                 sizes.append((1, 1))
         return sizes
@@ -167,11 +197,16 @@ class HFDatasetSource(CaptionImageSource):
         return self._dataset(train, resolution, True, rank, world_size, buckets)
 
     def val_dataset(self, resolution: int) -> Dataset:
+        """The validation records, without the unusable ones: a loaded split is checked once here (every image
+        decoded) so that no item stands in for a bad one and counts twice in ``val/loss``; a stream skips them."""
         _, val = self._splits
         if val is None:
             raise ConfigError("validation needs data.source.val_split or data.source.num_val > 0 (or set "
                               "trainer.limit_val_batches: 0)")
-        self._check_not_empty(val, self.val_split or self.split)
+        split = self.val_split or self.split
+        if not self.streaming:
+            val = val.select(usable_records(val, self.decode, f"{self.where!r} validation records (split {split!r})"))
+        self._check_not_empty(val, split)
         return self._dataset(val, resolution, False, 0, 1)
 
     def test_prompts(self) -> list[dict]:

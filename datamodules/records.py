@@ -2,20 +2,26 @@
 
 Real data sources (``datamodules.hf``, ``datamodules.webdataset``) yield *records*: dicts with an image in some
 column (HF's ``{"bytes", "path"}``, raw bytes or a file path) and a caption. ``RecordDecoder`` turns one into an
-item ``{"image": (3, H, W) in [-1, 1], "caption": str}`` or raises ``BadSample`` naming the record. The datasets
-here skip a bad record, log it with its path (logger ``lit_dimba.data``) and count it in the next item's
-``"skipped"`` field, which the training step sums into TensorBoard (``data/skipped``).
+item ``{"image": (3, H, W) in [-1, 1], "caption": str}`` or raises ``BadSample`` naming the record. Images are
+turned upright by their EXIF orientation and converted to RGB by value range (``to_rgb``: 16-bit, float and
+transparent images included).
+
+The training datasets here skip a bad record and count it in the next item's ``"skipped"`` field every time they
+pass over it (the training step sums that into TensorBoard: ``data/skipped_step`` per step, ``data/skipped_epoch``
+per epoch); ``SkipLog`` logs each bad record once per process (logger ``lit_dimba.data``) with a running count.
+A validation set instead leaves bad records out up front (``usable_records``), so that no item counts twice.
 """
 
 import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
 from datamodules.buckets import resize_and_crop
@@ -23,15 +29,77 @@ from lit_dimba.errors import ConfigError
 
 log = logging.getLogger("lit_dimba.data")
 EmptyCaption = Literal["drop", "unconditional"]
+# Transparent pixels are composited onto this colour (white, as image viewers show them).
+BACKGROUND = (255, 255, 255)
+# The EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+SIDEWAYS = (5, 6, 7, 8)
+# What messages call a streamed record that has neither an image path nor a key.
+UNNAMED = "a record without a path or key"
 
 
 class BadSample(Exception):
-    """A record that cannot be used: ``where`` names it (file path or key), ``reason`` says why."""
+    """A record that cannot be used: ``where`` names it (file path or ``shard:key``; None for a record with
+    neither, e.g. a row of image bytes, which the dataset then names by its row), ``reason`` says why."""
 
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}")
+    def __init__(self, where: str | None, reason: str):
+        super().__init__(f"{where or UNNAMED}: {reason}")
         self.where = where
         self.reason = reason
+
+
+def _gray_by_range(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float gray image as 8-bit "L" (or "LA" with its transparency key), by range.
+
+    Integer modes (``I;16``, ``I;16B``, ``I;16L``, ``I``...) span [0, 65535]: Pillow opens 16-bit gray PNG/TIFF as
+    ``I;16`` and 16-bit PGM as ``I``, and 32-bit TIFFs of wider range are rare; values outside are clipped. A float
+    image (``F``) spans [0, 1] if no value exceeds 1, else [0, 255] if none exceeds 255, else [0, 65535] if none
+    exceeds 65535, else [0, its maximum]; NaN and infinities count as 0, negative values as 0.
+    """
+    values = np.asarray(image)  # (H, W) uint16 / int32 / float32
+    scaled = values.astype(np.float32)
+    if image.mode == "F":
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(scaled.max(initial=0.0))
+        top = next((t for t in (1.0, 255.0, 65535.0) if peak <= t), peak)
+    else:
+        top = 65535.0
+    gray = Image.fromarray(np.round(np.clip(scaled, 0, top) * (255 / top)).astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        gray.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L"))
+    return gray
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image Pillow opens, as 8-bit "RGB", converted by value range rather than by clipping.
+
+    - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's own conversion (CMYK
+      naively, without its ICC profile; LAB through the CIE L*a*b* to sRGB formula).
+    - 16-bit and 32-bit integer gray (``I;16``, ``I;16B``, ``I``...): [0, 65535] to [0, 255]; float gray (``F``):
+      [0, 1], [0, 255] or [0, 65535], the first that holds every value, else [0, max] (see ``_gray_by_range``).
+    - Transparency (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, a palette or gray/RGB image with a transparency
+      key, 16-bit gray with one): composited onto ``BACKGROUND`` (white), so transparent pixels become white.
+
+    Returns a new image of the same size; the input is not changed.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _gray_by_range(image)
+    elif image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as it is displayed: with width and height swapped when its EXIF
+    orientation turns it sideways. Reads the header only (``Image.Image.getexif``; PNG's own ``getexif`` would
+    decode the pixels to look for an eXIf chunk after them: such a rare late chunk is missed here, and its image,
+    decoded upright, is cropped to the bucket of its stored shape)."""
+    width, height = image.size
+    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return (width, height) if orientation in SIDEWAYS else (height, width)
 
 
 def check_columns(available: Iterable[str], wanted: dict[str, Sequence[str]], source: str) -> None:
@@ -61,15 +129,17 @@ class RecordDecoder:
     empty_caption: EmptyCaption = "drop"
     root: str | None = None
 
-    def name(self, record: dict) -> str:
-        """A human-readable name of the record for error messages: its image path or its key."""
+    def name(self, record: dict) -> str | None:
+        """The record's name in messages: its image path, else its webdataset ``shard:key``, else None."""
         for column in self.image_columns:
             value = record.get(column)
             if isinstance(value, dict) and value.get("path"):
                 return str(value["path"])
             if isinstance(value, str):
                 return value
-        return str(record.get("__key__", record.get("__url__", "record")))
+        if "__key__" in record:
+            return f"{record['__url__']}:{record['__key__']}" if record.get("__url__") else str(record["__key__"])
+        return None
 
     def open(self, record: dict) -> Image.Image:
         """The record's image, opened lazily (header read, pixels not decoded yet); ``BadSample`` if absent."""
@@ -91,12 +161,18 @@ class RecordDecoder:
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise BadSample(where, f"cannot read the image ({error})") from error
 
+    def size(self, record: dict) -> tuple[int, int]:
+        """The record's image (height, width) as displayed (EXIF orientation applied), from its header only;
+        ``BadSample`` if it is absent or unreadable."""
+        return upright_size(self.open(record))
+
     def image(self, record: dict) -> Image.Image:
-        """The record's image decoded to RGB; ``BadSample`` if it is missing or corrupt."""
+        """The record's image decoded, turned upright by its EXIF orientation and converted to RGB (``to_rgb``);
+        ``BadSample`` if it is missing or corrupt."""
         image = self.open(record)
         try:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
         except (OSError, ValueError) as error:
             raise BadSample(self.name(record), f"cannot decode the image ({error})") from error
 
@@ -123,8 +199,43 @@ class RecordDecoder:
         return {"image": resize_and_crop(self.image(record), size), "caption": caption}
 
 
-def _skip(bad: BadSample) -> None:
-    log.warning("skipped %s (%s)", bad.where, bad.reason)
+class SkipLog:
+    """Logs each bad record once, with a running count; a dataset's items count it every time it is skipped.
+
+    Each process (each data-loader worker) has its own copy, so a record may be logged once per worker. ``key``
+    identifies a record: its row for a map-style dataset, its name in a stream (where every record without a
+    path or key shares the name None, so only the first of those is logged; all are counted).
+    """
+
+    def __init__(self):
+        self.logged: set[Hashable] = set()
+        self.skips = 0
+
+    def __call__(self, where: str, reason: str, key: Hashable) -> None:
+        self.skips += 1
+        if key in self.logged:
+            return
+        self.logged.add(key)
+        log.warning("skipped %s (%s); bad records so far: %d, skipped %d times in all (each is logged once)",
+                    where, reason, len(self.logged), self.skips)
+
+
+def usable_records(records: Sequence[dict], decode: RecordDecoder, what: str) -> list[int]:
+    """Indices of the ``records`` whose caption and image decode, for a validation set that leaves bad records out
+    instead of repeating a neighbour in their place. Decodes every image once; reports the left-out records
+    in one log line (how many, the first few with their reasons)."""
+    usable, bad = [], []
+    for i, record in enumerate(records):
+        try:
+            decode.caption(record)
+            decode.image(record)
+            usable.append(i)
+        except BadSample as error:
+            bad.append(f"{error.where or f'row {i}'} ({error.reason})")
+    if bad:
+        log.warning("%s: left out %d unusable record(s) of %d: %s%s", what, len(bad), len(usable) + len(bad),
+                    "; ".join(bad[:5]), "; ..." if len(bad) > 5 else "")
+    return usable
 
 
 class RecordDataset(Dataset):
@@ -132,6 +243,8 @@ class RecordDataset(Dataset):
 
     ``size_of(i)`` gives item i's (height, width) (one size, or its aspect bucket); a replacement must have the
     same size. After ``max_skip`` bad records in a row it stops with an error: the data is broken, not noisy.
+    A replacement repeats an item, which a training epoch can afford; give a validation set only
+    ``usable_records``.
     """
 
     def __init__(self, records: Sequence[dict], decode: RecordDecoder, size_of: Callable[[int], tuple[int, int]],
@@ -140,6 +253,7 @@ class RecordDataset(Dataset):
         self.decode = decode
         self.size_of = size_of
         self.max_skip = max_skip
+        self.skip_log = SkipLog()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -154,7 +268,7 @@ class RecordDataset(Dataset):
                 try:
                     return {**self.decode(self.records[j], size), "skipped": skipped}
                 except BadSample as bad:
-                    _skip(bad)
+                    self.skip_log(bad.where or f"row {j}", bad.reason, key=j)
                     skipped += 1
                     if skipped >= self.max_skip:
                         break
@@ -178,6 +292,7 @@ class RecordStream(IterableDataset):
         self.size = size
         self.repeat = repeat
         self.max_skip = max_skip
+        self.skip_log = SkipLog()
 
     def __iter__(self) -> Iterator[dict]:
         skipped = 0
@@ -188,7 +303,7 @@ class RecordStream(IterableDataset):
                     yield {**self.decode(record, self.size), "skipped": skipped}
                     skipped = 0
                 except BadSample as bad:
-                    _skip(bad)
+                    self.skip_log(bad.where or UNNAMED, bad.reason, key=bad.where)
                     skipped += 1
                     if skipped >= self.max_skip:
                         raise RuntimeError(f"{skipped} unusable records in a row (see the warnings above for "

@@ -2,7 +2,9 @@
 
 Each sample of a shard is a group of files sharing a key: an image (``.jpg``, ``.jpeg``, ``.png`` or ``.webp``) and
 a caption (``.txt``, or ``.json`` with the caption under ``caption_key``). Shards are read with the ``webdataset``
-library, split over ranks and data-loader workers, and repeated until ``trainer.max_steps``.
+library, split over ranks and data-loader workers, and repeated until ``trainer.max_steps``. A sample without a
+readable image, or without a caption under ``empty_caption: drop``, is skipped as it is read: logged once (named
+``shard:key``) and counted with the other bad records in the next item's ``"skipped"`` (``datamodules.records``).
 """
 
 import glob

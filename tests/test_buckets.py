@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 import random
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -61,6 +62,20 @@ def test_bucket_table_properties(base, multiple):
 def test_bucket_table_max_ratio():
     ratios = [h / w for h, w in bucket_sizes(512, 32, max_ratio=2.0)]
     assert all(0.5 <= r <= 2 for r in ratios) and ratios[0] < 0.6 and ratios[-1] > 1.6
+
+
+@pytest.mark.parametrize("base, multiple, max_ratio", [(256, 256, 4.0), (256, 128, 2.0), (512, 512, 2.0)])
+def test_bucket_table_of_the_square_alone_warns(base, multiple, max_ratio):
+    with pytest.warns(UserWarning, match=rf"resolution {base}, multiple {multiple} and max_ratio {max_ratio} holds "
+                                         rf"only the square \({base}, {base}\).*data.bucket_multiple"):
+        assert bucket_sizes(base, multiple, max_ratio) == [(base, base)]
+
+
+def test_bucket_table_with_shapes_or_asked_square_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(bucket_sizes(256, 128, 4.0)) == 5 and len(bucket_sizes(256, 64, 2.0)) > 1
+        assert bucket_sizes(256, 32, max_ratio=1.0) == [(256, 256)]  # square only, as asked
 
 
 @pytest.mark.parametrize("base, multiple", [(250, 16), (0, 16), (-64, 16), (256, 0), (256.0, 16)])

@@ -49,9 +49,9 @@ def image_folder(root, n=6, captions=None, bad=(), missing=(), metadata="jsonl",
     return str(root)
 
 
-def parquet(path, n=6):
+def parquet(path, n=6, captions=None):
     table = datasets.Dataset.from_dict({"picture": [{"bytes": png(i), "path": None} for i in range(n)],
-                                        "prompt": [f"parquet picture {i}" for i in range(n)]})
+                                        "prompt": captions or [f"parquet picture {i}" for i in range(n)]})
     table.cast_column("picture", datasets.Image()).to_parquet(str(path))
     return str(path)
 
@@ -97,15 +97,80 @@ def test_bad_images_are_skipped_counted_and_logged(tmp_path, caplog):
         item = dataset[1]
     assert item["caption"] == "a picture number 3" and item["skipped"] == 2
     assert "001.png" in caplog.text and "002.png" in caplog.text and "does not exist" in caplog.text
+    assert "bad records so far: 2, skipped 2 times" in caplog.text
+
+
+def test_a_bad_image_is_logged_once_but_counted_every_epoch(tmp_path, caplog):
+    root = image_folder(tmp_path / "data", n=6, missing=(2,))
+    dataset = ImageFolderSource(root, caption_column="caption").train_dataset(16)
+    with caplog.at_level("WARNING", logger="lit_dimba.data"):
+        skipped = [sum(dataset[i]["skipped"] for i in range(len(dataset))) for _epoch in range(3)]
+    assert skipped == [1, 1, 1]
+    lines = [r.getMessage() for r in caplog.records if "002.png" in r.getMessage()]
+    assert len(lines) == 1 and "does not exist" in lines[0], lines
 
 
 @pytest.mark.parametrize("policy", ["drop", "unconditional"])
-def test_empty_captions(tmp_path, policy):
-    captions = ["one", "", "three", "  ", "five", "six"]
+def test_empty_captions(tmp_path, policy, caplog):
+    captions = ["one", "", "three", "  ", None, "six"]
     root = image_folder(tmp_path / "data", captions=captions)
-    dataset = ImageFolderSource(root, caption_column="caption", empty_caption=policy).train_dataset(16)
+    with caplog.at_level("WARNING", logger="lit_dimba.data"):
+        dataset = ImageFolderSource(root, caption_column="caption", empty_caption=policy).train_dataset(16)
     got = sorted(item["caption"] for item in items(dataset, len(dataset)))
-    assert got == (["five", "one", "six", "three"] if policy == "drop" else ["", "", "five", "one", "six", "three"])
+    assert got == (["one", "six", "three"] if policy == "drop" else ["", "", "", "one", "six", "three"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "lit_dimba.data"]
+    if policy == "unconditional":
+        assert lines == []
+        return
+    assert len(lines) == 1, lines  # how many and which, in one line
+    assert "dropped 3 of 6 records with an empty or missing caption (column 'caption')" in lines[0]
+    assert all(os.path.join(root, f"{i:03d}.png") in lines[0] for i in (1, 3, 4))
+    assert "empty_caption: unconditional" in lines[0]
+
+
+def test_empty_captions_in_a_stream_are_skipped_counted_and_logged(tmp_path, caplog):
+    captions = ["one", "", "three", "  ", "five", "six"]
+    source = HFDatasetSource("parquet", data_files=parquet(tmp_path / "p.parquet", captions=captions),
+                             image_column="picture", caption_column="prompt", streaming=True, shuffle_buffer=1)
+    with caplog.at_level("WARNING", logger="lit_dimba.data"):
+        got = items(source.train_dataset(16), 4)
+    assert [item["caption"] for item in got] == ["one", "three", "five", "six"]
+    assert [item["skipped"] for item in got] == [0, 1, 1, 0]
+    assert caplog.text.count("empty or missing caption") == 1  # rows of bytes have no name: the first is logged
+
+
+def test_webdataset_samples_without_a_caption_are_skipped_counted_and_named(tmp_path, caplog):
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, caption in (("a", b"first"), ("b", b"  "), ("c", None), ("d", b"last")):
+            for name, data in ((f"{key}.png", png(0)), (f"{key}.txt", caption)):
+                if data is not None:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    source = WebDatasetSource(str(path), val_shards=str(path))
+    with caplog.at_level("WARNING", logger="lit_dimba.data"):
+        got = list(source.val_dataset(16))
+    assert [(item["caption"], item["skipped"]) for item in got] == [("first", 0), ("last", 2)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lit_dimba.data"]
+    assert len(lines) == 2 and all("empty or missing caption" in line for line in lines)
+    assert lines[0].startswith(f"skipped {path}:b (") and lines[1].startswith(f"skipped {path}:c (")
+
+
+def test_validation_leaves_bad_records_out_instead_of_repeating_one(tmp_path, caplog):
+    root = image_folder(tmp_path / "data", n=8, bad=(5,), missing=(7,))
+    source = ImageFolderSource(root, caption_column="caption", num_val=4)
+    with caplog.at_level("WARNING", logger="lit_dimba.data"):
+        val = source.val_dataset(16)
+    captions = [val[i]["caption"] for i in range(len(val))]
+    assert captions == ["a picture number 4", "a picture number 6"]  # no neighbour stands in for 5 or 7
+    assert all(val[i]["skipped"] == 0 for i in range(len(val)))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lit_dimba.data"]
+    assert len(lines) == 1 and "left out 2 unusable record(s) of 4" in lines[0]
+    assert "005.png (cannot read the image" in lines[0] and "007.png (image file does not exist)" in lines[0]
+    broken = image_folder(tmp_path / "broken", n=4, bad=(2, 3))
+    with pytest.raises(ConfigError, match="no usable samples"):
+        ImageFolderSource(broken, caption_column="caption", num_val=2).val_dataset(16)
 
 
 def test_clear_errors(tmp_path):
@@ -231,6 +296,27 @@ def test_aspect_buckets_batch_one_shape_each(tmp_path):
         assert len({SHAPES[n % 3] for n in numbers}) == 1, "a batch holds one bucket"
         assert shape == table[nearest_bucket(SHAPES[numbers[0] % 3][1], SHAPES[numbers[0] % 3][0], table)]
     assert seen == expected
+
+
+def test_exif_orientation_sets_the_bucket(tmp_path):
+    """A portrait photo stored as landscape pixels plus an EXIF orientation: a portrait bucket, upright pixels."""
+    root = tmp_path / "data"
+    root.mkdir()
+    image = Image.new("RGB", (48, 24), COLOURS[0])
+    image.paste(COLOURS[2], (24, 0, 48, 24))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    image.save(root / "photo.jpg", exif=exif.tobytes(), quality=95)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "photo.jpg", "caption": "a flag"}) + "\n")
+    table = bucket_sizes(16, 4, 2.0)
+    dataset = ImageFolderSource(str(root), caption_column="caption").train_dataset(16, buckets=table)
+    assert dataset.image_sizes == [(48, 24)]
+    height, width = table[dataset.bucket_of[0]]
+    assert height > width
+    pixels = dataset[0]["image"]
+    assert pixels.shape == (3, height, width)
+    top, bottom = pixels[:, : height // 2].mean((1, 2)), pixels[:, height // 2:].mean((1, 2))
+    assert top[0] > 0.5 > top[2] and bottom[2] > 0.5 > bottom[0]  # red on top, blue below
 
 
 def test_buckets_need_a_source_that_knows_image_sizes(tmp_path):

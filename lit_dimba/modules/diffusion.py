@@ -300,7 +300,8 @@ class DiffusionModule(L.LightningModule):
         return torch.tensor([not caption for caption in batch["caption"]])
 
     def log_skipped(self, batch: dict) -> None:
-        """Count the bad records the data source passed over (``data/skipped``: per step and summed per epoch)."""
+        """Count the bad records the data source passed over (TensorBoard ``data/skipped_step`` per step and
+        ``data/skipped_epoch`` summed per epoch)."""
         if "skipped" in batch:
             skipped = batch["skipped"].sum().float()
             self.log("data/skipped", skipped, on_step=True, on_epoch=True, reduce_fx="sum",
