@@ -1,8 +1,12 @@
-"""The one exception type for bad user input (config values, paths, data); ``main.py`` prints it as one line."""
+"""The exception types that ``main.py`` prints as one line: bad user input, and a run that stops on purpose."""
 
 
 class ConfigError(ValueError):
     """A problem the user fixes in a config, a path or the data; the message names the thing and the fix."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite losses); the message says where and what to do."""
 
 
 def describe_names(keys: list[str], limit: int = 5) -> str:
