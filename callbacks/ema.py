@@ -29,7 +29,8 @@ class EMA(Callback):
         decay: EMA decay per update.
         warmup: use ``min(decay, (1 + n) / (10 + n))`` after n updates, so early averages are not dominated by
             the random initialisation.
-        every_n_steps: update every N optimizer steps.
+        every_n_steps: update every N optimizer steps (a batch without an optimizer step, skipped or accumulating
+            gradients, updates nothing).
         evaluate_with_ema: swap the EMA weights in for validation/test/predict.
     """
 
@@ -45,6 +46,7 @@ class EMA(Callback):
         self.shadow: dict[str, torch.Tensor] = {}  # fp32, on the parameters' device; this rank's shards under FSDP
         self._loaded: dict[str, torch.Tensor] | None = None  # a checkpoint's full average, not yet placed
         self._swapped = False
+        self._last_step: int | None = None  # the global step of the last batch seen
         self._trainer: L.Trainer | None = None
         self._pl_module: L.LightningModule | None = None
 
@@ -110,7 +112,9 @@ class EMA(Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._ensure_shadow(pl_module)
-        if trainer.global_step % self.every_n_steps:
+        stepped = trainer.global_step != self._last_step  # no optimizer step: a skipped or accumulating batch
+        self._last_step = trainer.global_step
+        if not stepped or trainer.global_step % self.every_n_steps:
             return
         decay = self.decay
         if self.warmup:

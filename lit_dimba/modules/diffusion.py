@@ -25,7 +25,7 @@ from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
-from lit_dimba.errors import ConfigError, describe_names
+from lit_dimba.errors import ConfigError, TrainingStopped, describe_names
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
 from lit_dimba.strategies import unwrapped_name
@@ -75,6 +75,11 @@ class DiffusionModule(L.LightningModule):
             options (e.g. ``{dynamic: false}``), on any device. Checked once when the trainer sets the model up:
             where torch.compile cannot run (no C++ compiler on a CPU, no Triton on a GPU, an unsupported torch or
             Python) one warning says why and the model runs eagerly.
+        skip_nonfinite: training steps whose loss is NaN or infinite (on any rank) change nothing: their gradients
+            are dropped before the optimizer step, so the weights, the optimizer state and the EMA's average stay
+            as they were (the step still counts in ``global_step``); each is warned about and counted
+            (``train/nonfinite_steps``). One more than this many stops the run with one line naming the step, the
+            batch's captions and the last checkpoint to resume from. 0 stops at the first.
 
     Checkpoints hold ``self.model``'s tensors and its constructor arguments (``backbone_config``), never the
     frozen submodules named in ``frozen_prefixes``.
@@ -83,7 +88,7 @@ class DiffusionModule(L.LightningModule):
     # Built from the config, not saved as hyperparameters: LightningCLI re-applies a checkpoint's saved
     # hyperparameters over the command line when --ckpt_path is given, so these stay overridable (e.g. sampling
     # for test/predict from a checkpoint).
-    not_hyperparameters = ("backbone", "text_encoder", "vae", "diffusion", "sampling", "compile")
+    not_hyperparameters = ("backbone", "text_encoder", "vae", "diffusion", "sampling", "compile", "skip_nonfinite")
     frozen_prefixes = ("text_encoder.", "vae.")
 
     def __init__(
@@ -98,6 +103,7 @@ class DiffusionModule(L.LightningModule):
         sampling: Sampling = Sampling(),
         init_weights: str | None = None,
         compile: bool | Literal["auto"] | dict = "auto",
+        skip_nonfinite: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hyperparameters))
@@ -123,6 +129,9 @@ class DiffusionModule(L.LightningModule):
         self.compile_setting = compile  # not self.compile: that is nn.Module.compile
         self._compile_checked = False
         self._sampling_graph = CUDAGraphStep()
+        self.skip_nonfinite = skip_nonfinite
+        self.nonfinite_steps = 0
+        self._skip_update = False  # the coming optimizer step is of a non-finite loss
         self.training_generator: torch.Generator | None = None  # created in on_fit_start
         self._resumed_generator_state: torch.Tensor | None = None
         self.register_state_dict_post_hook(_drop_frozen_weights)
@@ -320,7 +329,42 @@ class DiffusionModule(L.LightningModule):
         B = len(batch["caption"])
         for name, value in losses.items():
             self.log(f"train/{name}", value.mean(), batch_size=B, prog_bar=name == "loss")
-        return losses["loss"].mean()
+        return self.finite_or_skip(losses["loss"].mean(), batch)
+
+    def finite_or_skip(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Check ``loss`` for NaN and infinity on every rank (one flag reduced over the ranks, so all ranks agree; the
+        one host sync per step this adds). A non-finite step still runs its backward (under DDP every rank must take
+        part in the gradient all-reduce), but ``on_before_optimizer_step`` then drops the gradients, so the optimizer
+        changes neither the weights nor its state, and the EMA sees the weights unchanged. Counted and warned about;
+        one more than ``skip_nonfinite`` such steps stops the run (``TrainingStopped``)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if not bad.item():
+            return loss
+        self._skip_update = True
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
+                 batch_size=len(batch["caption"]))
+        captions = describe_names([repr(c) for c in batch["caption"]], limit=3)
+        what = (f"step {self.global_step + 1}: the loss is {loss.item()} on this rank (batch of "
+                f"{len(batch['caption'])}: {captions})")
+        if self.nonfinite_steps > self.skip_nonfinite:
+            saved = [getattr(cb, "_last_checkpoint_saved", "") or cb.last_model_path
+                     for cb in self.trainer.checkpoint_callbacks]
+            resume = (f"the last checkpoint is {saved[-1]!r} (resume with --ckpt_path {saved[-1]} after lowering the "
+                      "learning rate or fixing the data)" if any(saved) else "no checkpoint was saved yet")
+            raise TrainingStopped(f"{what}; {self.nonfinite_steps} non-finite losses, more than "
+                                  f"model.skip_nonfinite={self.skip_nonfinite}: training stopped; {resume}")
+        rank_zero_warn(f"{what}: its update is skipped ({self.nonfinite_steps} of at most {self.skip_nonfinite})")
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop the gradients of a step whose loss was not finite (``finite_or_skip``): the optimizer skips
+        parameters without a gradient, so neither they nor its state change."""
+        if self._skip_update:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_update = False
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(batch_idx)

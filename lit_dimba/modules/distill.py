@@ -52,7 +52,8 @@ class DistillModule(DiffusionModule):
         trainable: what ``kd`` trains: ``mixers`` (every block's token mixer: the Mamba mixers and the kept
             self-attention), ``mamba`` (the Mamba mixers) or ``all``. ``forcing`` always trains the Mamba mixers.
         Other arguments: as ``DiffusionModule`` (text encoder, VAE, diffusion, caption dropout, optimizer, LR
-            scheduler, sampling for test/predict of the student, compile: the student's and the teacher's blocks).
+            scheduler, sampling for test/predict of the student, compile: the student's and the teacher's blocks,
+            skip_nonfinite).
     """
 
     not_hyperparameters = DiffusionModule.not_hyperparameters + (
@@ -79,9 +80,10 @@ class DistillModule(DiffusionModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         sampling: Sampling = Sampling(),
         compile: bool | Literal["auto"] | dict = "auto",
+        skip_nonfinite: int = 10,
     ):
         super().__init__(student, text_encoder, vae, diffusion, caption_dropout, optimizer, lr_scheduler, sampling,
-                         compile=compile)
+                         compile=compile, skip_nonfinite=skip_nonfinite)
         check_pair(teacher, student)
         self.scan_blocks = [i for i, kind in enumerate(student.layout) if kind in SCAN_KINDS]
         if stage == "forcing" and not self.scan_blocks:
@@ -184,7 +186,7 @@ class DistillModule(DiffusionModule):
         self.log_skipped(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["caption"]), prog_bar=name == "loss")
-        return losses["loss"]
+        return self.finite_or_skip(losses["loss"], batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(batch_idx)
