@@ -76,8 +76,8 @@ class DiffusionModule(L.LightningModule):
             where torch.compile cannot run (no C++ compiler on a CPU, no Triton on a GPU, an unsupported torch or
             Python) one warning says why and the model runs eagerly.
         skip_nonfinite: training steps whose loss is NaN or infinite (on any rank) change nothing: their gradients
-            are dropped before the optimizer step, so the weights, the optimizer state and the EMA's average stay
-            as they were (the step still counts in ``global_step``); each is warned about and counted
+            are dropped before the optimizer step, so the weights and the optimizer state stay as they were and
+            the EMA averages in the unchanged weights (the step still counts in ``global_step``); each is warned about and counted
             (``train/nonfinite_steps``). One more than this many stops the run with one line naming the step, the
             batch's captions and the last checkpoint to resume from. 0 stops at the first.
 
@@ -335,7 +335,7 @@ class DiffusionModule(L.LightningModule):
         """Check ``loss`` for NaN and infinity on every rank (one flag reduced over the ranks, so all ranks agree; the
         one host sync per step this adds). A non-finite step still runs its backward (under DDP every rank must take
         part in the gradient all-reduce), but ``on_before_optimizer_step`` then drops the gradients, so the optimizer
-        changes neither the weights nor its state, and the EMA sees the weights unchanged. Counted and warned about;
+        changes neither the weights nor its state, and nothing non-finite reaches the EMA. Counted and warned about;
         one more than ``skip_nonfinite`` such steps stops the run (``TrainingStopped``)."""
         bad = (~torch.isfinite(loss.detach())).float()
         if self.trainer.world_size > 1:
