@@ -5,16 +5,20 @@ Models and data are chosen by ``class_path`` in YAML (subclass mode); callbacks 
 """
 
 import os
+import pydoc
 import re
 import sys
 
 import torch
+import yaml
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import CaptionImageDataModule
 from lit_dimba.conditioning.frozen import looks_local
-from lit_dimba.errors import ConfigError
+from lit_dimba.errors import ConfigError, TrainingStopped
 from lit_dimba.modules import DiffusionModule
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -41,14 +45,45 @@ def one_line(message: str) -> str:
     return f"{'.'.join(keys)}: {innermost}" if keys else innermost
 
 
+def yaml_syntax_error(error: Exception | None) -> str | None:
+    """``line L, column C: problem (context)`` of the YAML syntax error behind ``error`` (jsonargparse re-raises it
+    as the cause of a TypeError), or None."""
+    cause = getattr(error, "__cause__", None)
+    if not isinstance(cause, yaml.MarkedYAMLError):
+        return None
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    place = f"{at(cause.problem_mark)}: " if cause.problem_mark else ""
+    context = f" ({cause.context} from {at(cause.context_mark)})" if cause.context and cause.context_mark else ""
+    return f"{place}{cause.problem}{context}"
+
+
 class OneLineErrorParser(LightningArgumentParser):
-    """Reports a bad option or config key as one line naming the key, instead of usage plus a nested report."""
+    """Reports a bad option or config key as one line naming the key (and the config file it is in), instead of
+    usage plus a nested report."""
+
+    config_file: str | None = None  # the config file being parsed, named in its errors
+
+    def parse_path(self, path, *args, **kwargs) -> Namespace:
+        """Parse a config file, naming it in the errors found in it (the YAML parser only sees its text)."""
+        outer, self.config_file = self.config_file, os.fspath(path)
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            self.config_file = outer
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             return super().error(message, ex)
+        source = f"config file {self.config_file!r}" if self.config_file else ""
+        syntax = yaml_syntax_error(ex)
+        if syntax:
+            sys.exit(f"error: {source or 'the --config text'} is not valid YAML: {syntax}")
+        where = f"{source}: " if source else ""
         prog = self.prog.replace(" [options]", "")
-        sys.exit(f"error: {one_line(message)} (run `{prog} --help` for the accepted options)")
+        sys.exit(f"error: {where}{one_line(message)} (run `{prog} --help` for the accepted options)")
 
 
 def missing_paths(config, key: str = "") -> list[str]:
@@ -71,8 +106,45 @@ def missing_paths(config, key: str = "") -> list[str]:
     return []
 
 
+def check_checkpoint_class(config: Namespace) -> None:
+    """Refuse a ``--ckpt_path`` written by another model class than the config's. LightningCLI takes the class from
+    the checkpoint's saved hyperparameters (``_class_path``) over the config's and builds it with the config's
+    arguments, which fails later with a misleading message, or builds a model the config does not describe."""
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    written_by = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    configured = config.get("model.class_path")
+    if written_by and pydoc.locate(written_by) is not pydoc.locate(configured):
+        raise ConfigError(f"--ckpt_path {ckpt_path!r} was written by {written_by} but the config builds {configured}; "
+                          "use the config the checkpoint was trained with (fit saved it as config.yaml next to its "
+                          f"logs), or set model.class_path to {written_by} with the backbone it was trained with")
+
+
+def trainer_error(error: MisconfigurationException, options: Namespace) -> ConfigError:
+    """A ConfigError ``trainer.<option>: <reason>`` for a setting the Trainer refused, naming the option when the
+    reason does (Lightning quotes it in backticks)."""
+    reason = " ".join(str(error).split())
+    named = [name for name in re.findall(r"`(\w+)`", reason) if name in options]
+    return ConfigError(f"trainer{'.' + named[0] if named else ''}: {reason}")
+
+
 class DimbaCLI(LightningCLI):
-    """LightningCLI with one-line errors for bad options, and path checks before anything heavy is built."""
+    """LightningCLI with one-line errors for bad options, a checkpoint of another model class and settings the
+    Trainer refuses, and path checks before anything heavy is built."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            check_checkpoint_class(self.config[self.config.subcommand])
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise trainer_error(error, config.trainer) from error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -99,6 +171,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         DimbaCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args)
+    except TrainingStopped as error:
+        sys.exit(f"error: {error}")
     except ValueError as error:
         cause = config_error_in(error)
         if cause is None:

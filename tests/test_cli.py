@@ -107,7 +107,8 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     (data, os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml"))
     for data in sorted(glob.glob(os.path.join(ROOT, "configs", "data", "*.yaml")))] + [
     (os.path.join(ROOT, "configs", "curriculum", name), os.path.join(ROOT, "configs", base))
-    for name, base in (("demo.yaml", "demo.yaml"), ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
+    for name, base in (("demo.yaml", "demo.yaml"), ("demo_extrapolate.yaml", "demo.yaml"),
+                       ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
                        ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
     (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
     (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))] + [
@@ -192,10 +193,18 @@ def test_distill_stages_export_and_student_test(in_tmp):
     assert kd["global_step"] == 4
 
 
-def run_cli(tmp_path, *args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def run_cli(tmp_path, *args, pythonpath: str = ROOT):
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, *expected):
+    """The run failed without a traceback, and the last line of stderr is ``error: ...`` holding each ``expected``."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(text in last for text in expected), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -207,15 +216,61 @@ def run_cli(tmp_path, *args):
      "model.init_args.teacher_checkpoint: 'gone.ckpt' (the teacher's weights"),
     (["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL, "--model.init_args.student.init_args.layout",
       "[attn, attn]"], "its layout has none"),
+    (["fit", *BASE, "--model.init_args.backbone.init_args.layout", "[attn, attn]"],
+     "backbone.layout lists 2 blocks but backbone.depth is 1; list 1 mixers or set depth: 2"),
+    (["fit", *BASE, "--trainer.max_steps", "-5"], "trainer.max_steps: `max_steps` must be a non-negative integer"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, expected):
     os.makedirs(tmp_path / "ckpt")
     open(tmp_path / "ckpt" / "last.ckpt", "w").close()  # the distillation configs' teacher path exists
-    result = run_cli(tmp_path, *args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert expected in result.stderr and last.startswith("error:"), result.stderr[-2000:]
+    assert_one_line_error(run_cli(tmp_path, *args), expected)
+
+
+def test_yaml_syntax_error_names_the_config_file(tmp_path):
+    (tmp_path / "broken.yaml").write_text("model:\n  init_args:\n    caption_dropout: [0.1\n")
+    result = run_cli(tmp_path, "fit", *BASE, "--config", "broken.yaml")
+    assert_one_line_error(result, "config file 'broken.yaml' is not valid YAML: line 4, column 1: did not find "
+                          "expected ',' or ']' (while parsing a flow sequence from line 3, column 22)")
+
+
+def test_checkpoint_of_another_model_class(in_tmp):
+    """LightningCLI builds the class a checkpoint was written by (from its saved hyperparameters) with the config's
+    arguments: a HybridStudent checkpoint tested with the TeacherDiT config is refused, naming both classes."""
+    hybrid = ["--model.class_path", "lit_dimba.modules.HybridStudent",
+              "--model.init_args.backbone.init_args.layout", "[mamba_w]"]
+    main(["fit", *BASE, *hybrid, "--trainer.max_steps", "2", "--trainer.callbacks",
+          "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]"])
+    assert_one_line_error(run_cli(in_tmp, "test", *BASE, "--ckpt_path", "ckpt/last.ckpt"),
+                          "--ckpt_path 'ckpt/last.ckpt' was written by lit_dimba.modules.HybridStudent but the config "
+                          "builds lit_dimba.modules.TeacherDiT", "use the config the checkpoint was trained with")
+    assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt",
+                                  "--model.init_args.backbone.init_args.layout", "[mamba_w, mamba_w]",
+                                  "--model.init_args.backbone.init_args.depth", "2"),
+                          "the checkpoint does not fit this model")
+    main(["test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt", "--model.class_path",
+          "lit_dimba.modules.student.HybridStudent", "--trainer.callbacks", "[]"])  # the same class by another path
+    assert len(glob.glob("logs/tiny/version_*/test_scores.json")) == 1
+
+
+STOPPER = '''
+from lightning.pytorch.callbacks import Callback
+
+from lit_dimba.errors import TrainingStopped
+
+
+class Stop(Callback):
+    """Stops the run at its first training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise TrainingStopped(f"step {trainer.global_step}: stopped on purpose; resume with --ckpt_path")
+'''
+
+
+def test_training_stopped_gives_one_line_error(tmp_path):
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    result = run_cli(tmp_path, "fit", *BASE, "--trainer.callbacks", "stopper.Stop",
+                     pythonpath=os.pathsep.join([ROOT, str(tmp_path)]))
+    assert_one_line_error(result, "error: step 0: stopped on purpose; resume with --ckpt_path")
 
 
 def test_predict_at_another_size_and_aspect(in_tmp):

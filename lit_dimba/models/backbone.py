@@ -22,6 +22,7 @@ import torch._dynamo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_dimba.errors import ConfigError
 from lit_dimba.models.attention import CrossAttention, SelfAttention
 from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
 from lit_dimba.models.mamba import Mamba2, Scan2D
@@ -96,7 +97,8 @@ def expand_layout(layout: str | list[str], depth: int, dimba_ratio: int = 1) -> 
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or give a list of {MIXER_KINDS}")
     kinds = list(layout)
     if len(kinds) != depth:
-        raise ValueError(f"layout lists {len(kinds)} blocks but depth is {depth}")
+        raise ConfigError(f"backbone.layout lists {len(kinds)} blocks but backbone.depth is {depth}; list {depth} "
+                          f"mixers or set depth: {len(kinds)}")
     unknown = sorted(set(kinds) - set(MIXER_KINDS))
     if unknown:
         raise ValueError(f"unknown mixer kinds {unknown} in layout; allowed: {MIXER_KINDS}")
