@@ -227,8 +227,8 @@ class Scan2D(nn.Module):
     back in row-major order), computed without repeating per-token work: ``in_proj`` runs once on the row-major
     tokens; one gather (``lit_dimba::gather_rows``) puts its conv and dt channels into the S scan sequences; conv
     and scan run on those; one gather brings the results back to row-major order, where the gated norm runs on
-    both directions against the one gate z; ``norm.weight``, ``out_proj`` and ``fuse`` are folded into one GEMM of width 2 * d_inner when there
-    are more tokens than d_inner (else out_proj then fuse, which costs less then).
+    both directions against the one gate z; ``norm.weight``, ``out_proj`` and ``fuse`` are folded into one GEMM of
+    width 2 * d_inner when there are more tokens than d_inner (else out_proj then fuse, which costs less then).
 
     forward: x (B, N, C), grid (h, w) with h * w = N -> (B, N, C).
     """

@@ -76,10 +76,10 @@ class DiffusionModule(L.LightningModule):
             where torch.compile cannot run (no C++ compiler on a CPU, no Triton on a GPU, an unsupported torch or
             Python) one warning says why and the model runs eagerly.
         skip_nonfinite: training steps whose loss is NaN or infinite (on any rank) change nothing: their gradients
-            are dropped before the optimizer step, so the weights and the optimizer state stay as they were and
-            the EMA averages in the unchanged weights (the step still counts in ``global_step``); each is warned about and counted
-            (``train/nonfinite_steps``). One more than this many stops the run with one line naming the step, the
-            batch's captions and the last checkpoint to resume from. 0 stops at the first.
+            are dropped before the optimizer step, so the weights and the optimizer state stay as they were and the
+            EMA averages in the unchanged weights (the step still counts in ``global_step``); each is warned about
+            and counted (``train/nonfinite_steps``). One more than this many stops the run with one line naming the
+            step, the batch's captions and the last checkpoint to resume from. 0 stops at the first.
 
     Checkpoints hold ``self.model``'s tensors and its constructor arguments (``backbone_config``), never the
     frozen submodules named in ``frozen_prefixes``.
