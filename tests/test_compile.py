@@ -36,8 +36,9 @@ def test_compiled_hybrid_equals_eager():
         outputs.append((out, {n: p.grad for n, p in model.named_parameters()}))
     (out_e, grads_e), (out_c, grads_c) = outputs
     assert out_e.abs().mean() > 0.1
-    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
-    for name, grad in grads_e.items():  # fp32 rounding differs (fused kernels sum in another order)
+    # fp32 rounding differs (fused kernels sum in another order): relative to the norms
+    assert (out_c - out_e).norm() <= 1e-5 * out_e.norm()
+    for name, grad in grads_e.items():
         assert (grads_c[name] - grad).norm() <= 1e-3 * grad.norm(), name
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
 
