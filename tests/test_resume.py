@@ -2,7 +2,6 @@
 losses step by step (bitwise on a CPU) and the same EMA, on one process and under DDP on two."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -50,12 +49,6 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, devices):
     for name, value in ema_state(final[0])["shadow"].items():
         assert torch.equal(value, ema_state(final[1])["shadow"][name]), name
     assert final[0]["training_generators"].shape[0] == devices
-
-
-def test_ranks_draw_different_noise(tmp_path):
-    """Each rank has its own training random stream (seeded by the run's seed and the rank)."""
-    run(tmp_path, 2)
-    assert losses(tmp_path, 0) != losses(tmp_path, 1)
-    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["training_generators"]
-    assert not torch.equal(states[0], states[1])
-    assert os.path.exists(tmp_path / "losses-1.txt")
+    if devices == 2:  # each rank has its own random stream (seeded by the run's seed and the rank)
+        assert losses(straight, 0) != losses(straight, 1)
+        assert not torch.equal(*final[0]["training_generators"])
