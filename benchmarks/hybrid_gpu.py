@@ -46,16 +46,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from callbacks import Throughput
 from lit_dimba.conditioning import LatentVAE, TinyT5TextEncoder
+from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.models.backbone import Backbone, MambaConfig
 from lit_dimba.models.mamba import Mamba2, Scan2D
 from lit_dimba.modules import DistillModule, HybridStudent, Sampling, TeacherDiT
+from shared import TINY_F8_VAE, table  # benchmarks/shared.py, beside this script
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the issue's yardstick
 # target DiT time / t2md time per step (issue [1/7]); at 512^2 and 1024^2 a floor of the ratio too
 TARGETS = {"2048x2048": 1.5, "3840x2160": 2.1, "4096x4096": 2.8, "512x512": 0.6, "1024x1024": 0.8}
-TINY_F8_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
-               "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-               "block_out_channels": [8, 8, 16, 16], "sample_size": 64, "scaling_factor": 0.18215}
 RESULTS: dict = {}
 RESULTS_PATH: str | None = None
 
@@ -83,11 +82,6 @@ def guarded(part: str, label: str, fn, *args, **kwargs):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def sync(device: str) -> None:
@@ -142,19 +136,12 @@ def latent_inputs(model: Backbone, batch: int, size: tuple[int, int], device: st
 
 
 def graphed(fn, inputs, device: str):
-    """``fn(*inputs)`` replayed from a CUDA graph (after warm-up on a side stream); plain ``fn`` on a CPU."""
+    """``fn(*inputs)`` replayed from a CUDA graph as sampling replays it (``CUDAGraphStep``: captured after warm-up on
+    a side stream; each call copies the inputs in and the output out); plain ``fn`` on a CPU."""
     if device != "cuda":
         return lambda: fn(*inputs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*inputs)
-    return graph.replay
+    step = CUDAGraphStep(warmup=3)
+    return lambda: step(fn, inputs)
 
 
 # --------------------------------------------------------------------------------------------------------- check

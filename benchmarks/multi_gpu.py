@@ -31,15 +31,12 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_dimba.checkpoints import ema_state
+from shared import TINY_F8_VAE, table  # benchmarks/shared.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml")
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 FSDP = {"class_path": "lit_dimba.strategies.DiffusionFSDP"}
-# An f8 AutoencoderKL with a handful of channels: latents of the right shape at almost no cost.
-TINY_F8_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
-               "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-               "block_out_channels": [8, 8, 16, 16], "sample_size": 64, "scaling_factor": 0.18215}
 
 
 def run(name: str, out: str, devices: int, configs: list[str], overrides: dict, extra: list[str] = (),
@@ -72,11 +69,6 @@ def scalar(folder: str, tag: str) -> float:
             if tag in events.Tags()["scalars"]:
                 return events.Scalars(tag)[-1].value
     raise KeyError(f"{tag} not logged in {folder}")
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def workers(args, n: int) -> int:

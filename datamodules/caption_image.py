@@ -130,11 +130,19 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.bucket_max_ratio = bucket_max_ratio
         self.schedule: ResolutionSchedule | None = None  # set by callbacks.ResolutionCurriculum
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, loader=DataLoader) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, loader=DataLoader, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
         shuffle = shuffle and not isinstance(dataset, IterableDataset)  # streams shuffle themselves
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return loader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=shuffle)
+        if shuffle and world_size > 1:
+            # Each rank's share and order are a function of (seed, epoch), so --ckpt_path resumes mid-epoch exactly;
+            # the sampler Lightning would put around a shuffled loader re-draws its wrapped permutation when the
+            # resumed loader replays it, and continues with other items.
+            order = dict(sampler=DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed,
+                                                    drop_last=True))
+        else:
+            order = dict(shuffle=shuffle, generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        return loader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, drop_last=shuffle, **order)
 
     def train_dataloader(self) -> StatefulDataLoader:
         """Shuffled batches of ``resolution``; with buckets, single-bucket batches; with a curriculum schedule, one
@@ -153,15 +161,9 @@ class CaptionImageDataModule(L.LightningDataModule):
                                                    self.bucket_max_ratio)
         elif self.buckets is not None:
             batch_sampler = BucketBatchSampler(dataset.bucket_of, self.batch_size, world_size, rank, self.seed)
-        elif world_size > 1 and not isinstance(dataset, IterableDataset):
-            # Each rank's share and order are a function of (seed, epoch), so --ckpt_path resumes mid-epoch exactly;
-            # the sampler Lightning would put around a shuffled loader re-draws its wrapped permutation when the
-            # resumed loader replays it, and continues with other items.
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
-            return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         else:
-            return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader)
+            return self._loader(dataset, self.batch_size, shuffle=True, loader=StatefulDataLoader, rank=rank,
+                                world_size=world_size)
         return StatefulDataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                                   persistent_workers=self.num_workers > 0)
 
