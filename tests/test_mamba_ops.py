@@ -1,12 +1,14 @@
-"""The Mamba-2 operators: the PyTorch conv against nn.Conv1d, and the custom op ``lit_dimba::ssd_scan`` (on a CPU its
-kernel is ``ssd_reference``): schema, fake and autograd registrations, gradients, and tracing by torch.compile."""
+"""The Mamba-2 operators: the PyTorch conv against nn.Conv1d, and the custom ops ``lit_dimba::ssd_scan`` and
+``lit_dimba::gated_rms_norm_forward`` (on a CPU their kernels are the PyTorch references): schema, fake and autograd
+registrations, gradients, and tracing by torch.compile."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_dimba.models.mamba_ops import causal_conv1d_reference, causal_conv1d_silu, gather_rows, ssd_reference, ssd_scan
+from lit_dimba.models.mamba_ops import (causal_conv1d_reference, causal_conv1d_silu, gated_rms_norm, gather_rows,
+                                        ssd_reference, ssd_scan)
 
 
 def scan_inputs(dtype=torch.float64, b=2, l=11, h=4, p=3, g=2, n=5, seed=0, requires_grad=False):
@@ -71,3 +73,26 @@ def test_gather_rows_op():
     torch.testing.assert_close(got, expected)
     with pytest.raises(RuntimeError, match="differentiable only when given `uses`"):
         gather_rows(x, index).sum().backward()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gated_rms_norm(fused):
+    """rmsnorm(y_s * silu(z)) * weight per group of channels, for two outputs y_s sharing a strided gate z; the op's
+    registrations (opcheck) and its gradients, which sum over the outputs for z and weight."""
+    gen = torch.Generator().manual_seed(0)
+    r, S, d, group = 5, 2, 8, 4
+    y = torch.randn(r, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    zxbc = torch.randn(r, d + 3, generator=gen, dtype=torch.float64)
+    z = zxbc[:, :d].requires_grad_()  # rows strided, as the gate's slice of in_proj's output
+    weight = (torch.rand(d, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    got = gated_rms_norm(y, z, weight, group, 1e-5, fused)
+    for s in range(S):
+        u = (y[:, s] * z * torch.sigmoid(z)).view(r, d // group, group)
+        expected = (u / (u.square().mean(-1, keepdim=True) + 1e-5).sqrt()).view(r, d) * weight
+        torch.testing.assert_close(got[:, s], expected)
+    if fused:
+        torch.library.opcheck(torch.ops.lit_dimba.gated_rms_norm_forward.default, (y, z, weight, group, 1e-5))
+    grads = torch.autograd.grad((got * torch.randn(got.shape, generator=gen, dtype=got.dtype)).sum(), (y, z, weight))
+    for grad, tensor in zip(grads, (y, z, weight)):
+        assert grad.shape == tensor.shape and grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda *a: gated_rms_norm(*a, group, 1e-5, fused), (y, z, weight))

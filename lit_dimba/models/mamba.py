@@ -2,9 +2,9 @@
 
 ``Mamba2`` names and shapes its parameters like ``mamba_ssm.modules.mamba2.Mamba2`` (mamba-ssm 2.2/2.3) with
 its default options (ngroups=1, rmsnorm=True, norm_before_gate=False, bias=False, conv_bias=True), so state
-dicts load in either direction. Its conv and scan are the functions of ``lit_dimba.models.mamba_ops``: mamba-ssm's
-fused Triton scan and causal-conv1d's conv on CUDA (optional installs), plain PyTorch anywhere; the ``kernel``
-argument picks at run time.
+dicts load in either direction. Its conv, scan and gated norm are the functions of ``lit_dimba.models.mamba_ops``:
+mamba-ssm's fused Triton scan and gated norm and causal-conv1d's conv on CUDA (optional installs), plain PyTorch
+anywhere; the ``kernel`` argument picks at run time.
 
 ``Scan2D`` runs one ``Mamba2`` over a token grid in several scan orders (row- or column-first, forwards and
 backwards) with work shared between them: the per-token layers (``in_proj``, the gated norm, ``out_proj`` and the
@@ -23,24 +23,20 @@ from torch import nn
 
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gather_rows,
-                                        mamba_ssm_scan_functions, ssd_reference, ssd_scan)
+                                        gated_rms_norm, mamba_ssm_norm_functions, mamba_ssm_scan_functions,
+                                        ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
 
 
-def gated_rms(x: torch.Tensor, z: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
-    """mamba-ssm's gated RMSNorm (norm_before_gate=False) without its weight: rmsnorm(x * silu(z)), the RMS taken
-    over groups of ``group_size`` channels. x, z broadcastable (..., dim) -> (..., dim) in at least float32."""
-    y = (at_least_fp32(x) * F.silu(at_least_fp32(z))).unflatten(-1, (-1, group_size))
-    return (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)).flatten(-2)
-
-
 class RMSNormGated(nn.Module):
-    """mamba-ssm's gated RMSNorm with norm_before_gate=False: rmsnorm(x * silu(z)) * weight.
+    """mamba-ssm's gated RMSNorm with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the RMS taken over
+    groups of ``group_size`` channels; computed by ``mamba_ops.gated_rms_norm``, which also takes several x that
+    share one z (the directions of a bidirectional scan).
 
-    The RMS is taken over groups of ``group_size`` channels. x, z: (..., dim) -> (..., dim) in x.dtype,
-    computed in at least float32.
+    forward: x (r, S, dim), z (r, dim) -> (r, S, dim) in x.dtype, computed in at least float32; ``fused``: mamba-ssm's
+    Triton kernel (CUDA) rather than the PyTorch form.
     """
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
@@ -49,8 +45,8 @@ class RMSNormGated(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return (gated_rms(x, z, self.group_size, self.eps) * self.weight).to(x.dtype)
+    def forward(self, x: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps, fused)
 
 
 class Mamba2(nn.Module):
@@ -123,7 +119,8 @@ class Mamba2(nn.Module):
         self.init_ssm_parameters()
 
         # Resolved once here, not while torch.compile traces.
-        self._has_mamba_ssm = kernel != "torch" and mamba_ssm_scan_functions() is not None
+        self._has_mamba_ssm = (kernel != "torch" and mamba_ssm_scan_functions() is not None
+                               and mamba_ssm_norm_functions() is not None)
         self._conv_kernel = None if kernel == "torch" else causal_conv1d_kernel()
 
     def reset_parameters(self):
@@ -143,8 +140,9 @@ class Mamba2(nn.Module):
         self.A_log.copy_(torch.empty(self.nheads).uniform_(*self.A_init_range).log())
         self.D.fill_(1.0)
 
-    def _fused_scan(self, x: torch.Tensor) -> bool:
-        """Whether this call uses mamba-ssm's scan (see ``kernel``); a ConfigError if forced but impossible."""
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether this call uses mamba-ssm's scan and gated-norm kernels (see ``kernel``); a ConfigError if forced
+        but impossible."""
         available = x.is_cuda and self._has_mamba_ssm
         if self.kernel == "mamba_ssm" and not available:
             raise ConfigError(
@@ -174,13 +172,14 @@ class Mamba2(nn.Module):
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         A = -torch.exp(at_least_fp32(self.A_log))  # (h,)
-        scan = ssd_scan if self._fused_scan(xBCdt) else ssd_reference
+        scan = ssd_scan if self.fused(xBCdt) else ssd_reference
         return scan(x, dt, A, B, C, self.D, self.dt_bias, self.chunk_size).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, l, d_model) -> (b, l, d_model), causal in l."""
         z, xBCdt = self.in_projection(x)
-        return self.out_proj(self.norm(self.scan(xBCdt), z))
+        y = self.scan(xBCdt)
+        return self.out_proj(self.norm(y.flatten(0, 1)[:, None], z.flatten(0, 1), self.fused(y)).view_as(y))
 
 
 def scan_orders(grid: tuple[int, int], order: str, bidirectional: bool, device: torch.device) -> torch.Tensor:
@@ -227,7 +226,7 @@ class Scan2D(nn.Module):
     back in row-major order), computed without repeating per-token work: ``in_proj`` runs once on the row-major
     tokens; one gather (``lit_dimba::gather_rows``) puts its conv and dt channels into the S scan sequences; conv
     and scan run on those; one gather brings the results back to row-major order, where the gated norm runs on
-    both directions against the one gate z; ``norm.weight``, ``out_proj`` and ``fuse`` are folded into one GEMM of
+    both directions against the one gate z; ``out_proj`` and ``fuse`` are folded into one GEMM of
     width 2 * d_inner when there are more tokens than d_inner (else out_proj then fuse, which costs less then).
 
     forward: x (B, N, C), grid (h, w) with h * w = N -> (B, N, C).
@@ -255,13 +254,13 @@ class Scan2D(nn.Module):
         to_scan, to_rows, to_rows_uses = scan_gathers(orders)
         sequences = gather_rows(xBCdt, to_scan, to_rows).view(B * S, N, -1)  # each sequence in its scan order
         y = mamba.scan(sequences).reshape(B, S * N, -1)  # (B, S * N, d_inner)
-        y = gather_rows(y, to_rows.view(-1), to_rows_uses).view(B, N, S, -1)  # back in row-major order
-        y = gated_rms(y, z[:, :, None], mamba.norm.group_size, mamba.norm.eps).to(y.dtype)
-        return self.project(y)
+        y = gather_rows(y, to_rows.view(-1), to_rows_uses).view(B * N, S, -1)  # back in row-major order
+        y = mamba.norm(y, z.flatten(0, 1), mamba.fused(y))
+        return self.project(y.view(B, N, S, -1))
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
-        """Gated-normed scan outputs y (B, N, S, d_inner) -> (B, N, C): ``fuse(cat[out_proj(y_s * norm.weight)])``."""
-        weight = self.mamba.out_proj.weight * self.mamba.norm.weight  # (C, d_inner)
+        """Gated-normed scan outputs y (B, N, S, d_inner) -> (B, N, C): ``fuse(cat[out_proj(y_s)])``."""
+        weight = self.mamba.out_proj.weight  # (C, d_inner)
         if not self.bidirectional:
             return F.linear(y[:, :, 0], weight)
         if y.shape[0] * y.shape[1] <= y.shape[-1]:  # few tokens: folding would cost more than it saves

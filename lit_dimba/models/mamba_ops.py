@@ -1,4 +1,4 @@
-"""Mamba-2's two sequence operators as functions: the selective (SSD) scan and the causal depthwise conv.
+"""Mamba-2's operators as functions: the selective (SSD) scan, the causal depthwise conv and the gated RMSNorm.
 
 Each has a plain-PyTorch form, which runs on any device, is differentiable, and is traced and fused by
 ``torch.compile``, and an optional CUDA kernel:
@@ -9,6 +9,9 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
 - ``causal_conv1d_silu``: causal-conv1d's CUDA conv when installed (its 1.7 release registers its kernels as
   custom ops, so ``torch.compile`` keeps them in the graph); else the PyTorch form (k shifted multiply-adds), which
   inductor fuses with SiLU.
+- ``gated_rms_norm``: rmsnorm(y * silu(z)) * weight for several scan outputs y that share one gate z, as the custom
+  op ``lit_dimba::gated_rms_norm``: mamba-ssm's one-pass Triton kernel on CUDA (one launch per scan output, reading
+  strided y and z in place), ``gated_rms_norm_reference`` elsewhere.
 - ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
 
 Shapes: b batch, l sequence length, h heads, p head dim, g groups (B and C are shared by the h / g heads of a
@@ -136,6 +139,18 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return F.silu(out).to(x.dtype)
 
 
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                             eps: float) -> torch.Tensor:
+    """mamba-ssm's gated RMSNorm (norm_before_gate=False), rmsnorm(y * silu(z)) * weight, the RMS taken over groups
+    of ``group_size`` channels, for S outputs y that share one gate z.
+
+    y: (r, S, d), z: (r, d), weight: (d,) -> (r, S, d) in y.dtype, computed in at least float32.
+    """
+    u = (at_least_fp32(y) * F.silu(at_least_fp32(z))[:, None]).unflatten(-1, (-1, group_size))
+    return (u * torch.rsqrt(u.square().mean(-1, keepdim=True) + eps) * weight.unflatten(0, (-1, group_size))
+            ).flatten(-2).to(y.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA kernels
 @functools.cache
 def mamba_ssm_scan_functions():
@@ -145,6 +160,16 @@ def mamba_ssm_scan_functions():
     except ImportError:
         return None
     return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
+
+
+@functools.cache
+def mamba_ssm_norm_functions():
+    """mamba-ssm's forward and backward of the fused gated norm, or None when mamba-ssm does not import."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    except ImportError:
+        return None
+    return _layer_norm_fwd, _layer_norm_bwd
 
 
 @functools.cache
@@ -185,7 +210,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     """
     if not x.is_cuda:
         return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size).contiguous()
-    forward, _ = _require_mamba_ssm()
+    forward, _ = _require_mamba_ssm(mamba_ssm_scan_functions(), "ssd_scan")
     out = forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)[0]
     return out.contiguous()
 
@@ -208,7 +233,7 @@ def ssd_scan_backward(grad: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: 
         _, vjp = torch.func.vjp(lambda *args: ssd_reference(*args, chunk_size), *inputs)
         grads = vjp(grad)
     else:
-        _, backward = _require_mamba_ssm()
+        _, backward = _require_mamba_ssm(mamba_ssm_scan_functions(), "ssd_scan")
         # mamba-ssm's backward reads its ``out`` argument only for its shape when z is None: x has that shape,
         # so the forward's output need not be kept for the backward.
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = backward(grad, x, dt, A, B, C, x, chunk_size, D=D,
@@ -232,6 +257,75 @@ def _ssd_scan_grad(ctx, grad):
 
 
 ssd_scan.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context)
+
+
+@torch.library.custom_op("lit_dimba::gated_rms_norm_forward", mutates_args=())
+def gated_rms_norm_forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_rms_norm`` and what its backward keeps: (out (r, S, d) contiguous in y.dtype, rstd (S, d / group_size
+    * r) float32, the reciprocal RMS of each row and group). CUDA: mamba-ssm's kernel once per scan output s, on the
+    strided views y[:, s] and z, writing out[:, s]; CPU: the reference (rstd is then empty: its backward recomputes)."""
+    if not y.is_cuda:
+        return gated_rms_norm_reference(y, z, weight, group_size, eps).contiguous(), y.new_empty(0, dtype=torch.float32)
+    forward, _ = _require_mamba_ssm(mamba_ssm_norm_functions(), "gated_rms_norm")
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    rstd = [forward(y[:, s], weight, None, eps, z=z, out=out[:, s], group_size=group_size, norm_before_gate=False,
+                    is_rms_norm=True)[2] for s in range(y.shape[1])]
+    return out, torch.stack(rstd)
+
+
+@gated_rms_norm_forward.register_fake
+def _gated_rms_norm_forward_fake(y, z, weight, group_size, eps):
+    rows = y.shape[0] * (y.shape[2] // group_size) if y.is_cuda else 0
+    return y.new_empty(y.shape), y.new_empty((y.shape[1], rows) if y.is_cuda else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("lit_dimba::gated_rms_norm_backward", mutates_args=())
+def gated_rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                            rstd: torch.Tensor, group_size: int, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``gated_rms_norm`` for ``grad`` (r, S, d): (dy, dz, dweight) in their inputs' dtypes, dz and
+    dweight summed over the S outputs. mamba-ssm's backward kernel per output on CUDA, the vector-Jacobian product
+    of the reference on a CPU."""
+    if not y.is_cuda:
+        _, vjp = torch.func.vjp(lambda *args: gated_rms_norm_reference(*args, group_size, eps), y, z, weight)
+        dy, dz, dweight = vjp(grad)
+        return dy.contiguous(), dz.contiguous(), dweight
+    _, backward = _require_mamba_ssm(mamba_ssm_norm_functions(), "gated_rms_norm")
+    dy, dz, dweight = torch.empty_like(y, memory_format=torch.contiguous_format), 0, 0
+    for s in range(y.shape[1]):
+        dy_s, dweight_s, _, dz_s = backward(grad[:, s], y[:, s], weight, None, eps, None, rstd[s], z=z,
+                                            group_size=group_size, norm_before_gate=False, is_rms_norm=True)
+        dy[:, s] = dy_s
+        dz, dweight = dz + dz_s.float(), dweight + dweight_s.float()
+    return dy, dz.to(z.dtype).contiguous(), dweight.to(weight.dtype)
+
+
+@gated_rms_norm_backward.register_fake
+def _gated_rms_norm_backward_fake(grad, y, z, weight, rstd, group_size, eps):
+    return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
+
+
+def _gated_rms_norm_setup_context(ctx, inputs, output):
+    y, z, weight, ctx.group_size, ctx.eps = inputs
+    ctx.save_for_backward(y, z, weight, output[1])
+
+
+def _gated_rms_norm_grad(ctx, grad, _):
+    return (*gated_rms_norm_backward(grad.contiguous(), *ctx.saved_tensors, ctx.group_size, ctx.eps), None, None)
+
+
+gated_rms_norm_forward.register_autograd(_gated_rms_norm_grad, setup_context=_gated_rms_norm_setup_context)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                   fused: bool) -> torch.Tensor:
+    """rmsnorm(y * silu(z)) * weight for S outputs y (r, S, d) that share the gate z (r, d) (rows may be strided),
+    weight (d,) -> (r, S, d) in y.dtype: the custom op ``lit_dimba::gated_rms_norm_forward`` (mamba-ssm's kernel)
+    when ``fused``, else ``gated_rms_norm_reference``, which torch.compile fuses itself."""
+    if fused:
+        return gated_rms_norm_forward(y, z, weight, group_size, eps)[0]
+    return gated_rms_norm_reference(y, z, weight, group_size, eps)
 
 
 @torch.library.custom_op("lit_dimba::gather_rows", mutates_args=())
@@ -269,9 +363,8 @@ def _gather_rows_grad(ctx, grad):
 gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup_context)
 
 
-def _require_mamba_ssm():
-    functions = mamba_ssm_scan_functions()
+def _require_mamba_ssm(functions, op: str):
     if functions is None:
-        raise RuntimeError("lit_dimba::ssd_scan on CUDA runs mamba-ssm's Triton kernels, but mamba_ssm does not "
+        raise RuntimeError(f"lit_dimba::{op} on CUDA runs mamba-ssm's Triton kernels, but mamba_ssm does not "
                            "import; install it (pip install -e '.[gpu]') or use Mamba2(kernel='torch')")
     return functions
