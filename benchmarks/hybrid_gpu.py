@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from callbacks import Throughput
+from datamodules.cache import CachedEncoders
 from lit_dimba.conditioning import LatentVAE, TinyT5TextEncoder
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.models.backbone import Backbone, MambaConfig
@@ -439,10 +440,7 @@ def flops_per_step(module, batch: dict, device: str) -> float:
     module.train()
     one = {k: v[:1].to(device) if torch.is_tensor(v) else v[:1] for k, v in batch.items()}
     with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-        if isinstance(module, DistillModule):
-            loss = module.distill_losses(one, module.caption_dropout)["loss"]
-        else:
-            loss = module.diffusion_losses(one, module.caption_dropout)["loss"].mean()
+        loss = module.batch_losses(one, module.caption_dropout)["loss"]
         loss.backward()
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops() * len(batch["caption"])
@@ -452,6 +450,7 @@ def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str
     """Trainer.fit for warm-up + timed steps (the blocks compiled on a GPU: ``compile: auto``); images/s from the
     Throughput callback, FLOPs from the counter."""
     dataset = RandomFeatures(module.model, resolution, batch, args.warmup + args.steps)
+    module.batch_encoders = CachedEncoders(module.vae)  # the batches are feature-cache batches
     flops = flops_per_step(module.to(args.device), dataset[0], args.device)
     output = os.path.join(folder, f"{label.replace('/', '')}.json")
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,

@@ -1,5 +1,7 @@
 """Progressive / mixed-resolution training: Dimba's 256 -> 512 -> 1024, T2MD's 512 -> mixed 512/1024 -> 2048."""
 
+import math
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,13 +22,15 @@ class ResolutionCurriculum(Callback):
               - {until_step: 50000, resolutions: {512: 0.2, 1024: 0.8}, batch_size: 16}   # mixed: drawn per batch
               - {until_step: 70000, resolutions: {2048: 1.0}, batch_size: 4}
 
-    It hands the schedule to the DataModule before the training loader is built (one loader serves every stage,
-    so stage switches happen at exactly ``until_step``), sets ``data.resolution`` to each batch's resolution so that
-    ``PEInterpolation`` (listed after this callback) keeps the PE in step, puts the validation resolution back for
-    validation, and logs ``curriculum/stage`` and ``curriculum/resolution``. Stage and draws are functions of the
-    step, and the loader's position is checkpointed, so ``--ckpt_path`` resumes inside a stage with the same
-    sequence. With ``data.buckets`` each batch is one aspect bucket of the table at its resolution. Needs
-    ``trainer.max_steps``, a map-style source, ``accumulate_grad_batches: 1``, and with several devices
+    At setup it hands the schedule to the DataModule, once, before the training loader is built. The loader's batch
+    sampler (``CurriculumBatchSampler``) then gives each step the resolution and batch size of its stage by the
+    step's position, so stage switches happen at exactly ``until_step``; stage and draws are functions of the step
+    and the loader's position is checkpointed, so ``--ckpt_path`` resumes inside a stage with the same sequence.
+    Nothing flows back: the model takes each batch's resolution from the batch's shape (its PE: ``PEInterpolation``),
+    and validation, test and predict run at ``data.resolution``, which the curriculum leaves as it is. With
+    ``data.buckets`` each batch is one aspect bucket of the table at its resolution. Logs ``curriculum/stage`` and
+    ``curriculum/resolution`` (the side of the square of the batch's image area). Needs ``trainer.max_steps``, a
+    map-style source, ``accumulate_grad_batches: 1``, and with several devices
     ``trainer.use_distributed_sampler: false``.
     """
 
@@ -34,8 +38,6 @@ class ResolutionCurriculum(Callback):
         self.stages = stages
         self.seed = seed
         self.schedule: ResolutionSchedule | None = None
-        self._val_resolution = None
-        self._train_resolution = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -54,19 +56,9 @@ class ResolutionCurriculum(Callback):
                 rank_zero_warn(f"trainer.max_steps={trainer.max_steps} is past the last stage's until_step; the last "
                                "stage continues to the end")
             datamodule.schedule = self.schedule
-            self._val_resolution = datamodule.resolution
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        stage, resolution, _ = self.schedule.at(trainer.global_step)  # what the sampler drew for this step
-        trainer.datamodule.resolution = resolution
-        pl_module.log("curriculum/stage", float(stage), on_step=True, on_epoch=False)
-        pl_module.log("curriculum/resolution", float(resolution), on_step=True, on_epoch=False)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self._val_resolution is not None:
-            self._train_resolution = trainer.datamodule.resolution
-            trainer.datamodule.resolution = self._val_resolution
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._train_resolution is not None:
-            trainer.datamodule.resolution = self._train_resolution
+        height, width = pl_module.batch_encoders.image_size(batch)
+        pl_module.log("curriculum/stage", float(self.schedule.stage_index(trainer.global_step)), on_step=True,
+                      on_epoch=False)
+        pl_module.log("curriculum/resolution", math.sqrt(height * width), on_step=True, on_epoch=False)

@@ -16,8 +16,8 @@ that trains, encodes the source's train split (``--split val``: its val split) a
 Writer ``rank`` of ``world_size`` encodes the items i with ``i % world_size == rank``; its shard k holds its items
 ``k * shard_size`` to ``(k + 1) * shard_size - 1``. Several processes or GPUs (``torchrun --nproc_per_node 8 -m
 datamodules.cache ...``) thus write disjoint shards, and the reader maps an index to its shard and row directly.
-``CachedFeaturesSource`` serves the cache in data set order as a ``CaptionImageSource``; ``DiffusionModule``
-then runs neither encoder (see ``encode_batch``).
+``CachedFeaturesSource`` serves the cache in data set order as a ``CaptionImageSource`` and gives the module
+``CachedEncoders``, which reads the batches' stored features in place of the encoders: neither encoder runs.
 """
 
 import argparse
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datamodules.caption_image import CaptionImageDataModule, CaptionImageSource, read_prompt_file
 from lit_dimba.conditioning.text import DTYPES, parse_dtype
+from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.errors import ConfigError
 from lit_dimba.modules import DiffusionModule
 
@@ -297,6 +298,27 @@ class CachedFeatures(Dataset):
         return {**self.__dict__, "_open": {}}
 
 
+class CachedEncoders:
+    """The encoders' interface (``lit_dimba.conditioning.encoders.BatchEncoders``) for batches of this cache:
+    ``latent_mean`` and ``latent_std`` (B, C, h, w), ``text_features`` (B, L, D), ``text_mask`` (B, L).
+
+    The latents follow the VAE's sample policy (``vae.posterior_latents``, as online): the mean, or with
+    ``vae.sample_posterior`` a fresh draw mean + std * N(0, 1) at every step, from ``generator``.
+    """
+
+    def __init__(self, vae: LatentVAE | PixelSpace):
+        self.vae = vae
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        latents = self.vae.posterior_latents(batch["latent_mean"], batch["latent_std"], generator)
+        return latents, batch["text_features"], batch["text_mask"]
+
+    def image_size(self, batch: dict) -> tuple[int, int]:
+        height, width = batch["latent_mean"].shape[-2:]
+        return height * self.vae.downsample_factor, width * self.vae.downsample_factor
+
+
 class CachedFeaturesSource(CaptionImageSource):
     """Train from a feature cache written by ``python -m datamodules.cache`` (no encoder runs in training).
 
@@ -355,6 +377,12 @@ class CachedFeaturesSource(CaptionImageSource):
             raise ConfigError("CachedFeaturesSource has no test prompts; set source.init_args.test_prompts to a "
                               "text file with one prompt per line")
         return [{"caption": prompt} for prompt in read_prompt_file(self.test_prompt_file)]
+
+    def encoders(self, module: DiffusionModule) -> CachedEncoders:
+        """Read the cached features in place of ``module``'s encoders, after checking they are those the cache was
+        built with (``check_encoders``)."""
+        self.check_encoders(module)
+        return CachedEncoders(module.vae)
 
     def check_encoders(self, module: DiffusionModule) -> None:
         """Raise ConfigError unless ``module``'s text encoder and VAE are those the cache was built with."""

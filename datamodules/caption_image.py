@@ -8,7 +8,9 @@ subclasses ``CaptionImageSource``:
   over before this one) from the real-data sources; an empty caption means an unconditional sample. A
   map-style training set is split over ranks by Lightning's sampler; a stream splits itself by ``rank``;
 - ``test_prompts() -> list[dict]``: held-out prompts ``{"caption": str, ...}``, optionally with the scene
-  attributes (``colour``, ``shape``, ``position``, ``size``) that the prompt-following score checks.
+  attributes (``colour``, ``shape``, ``position``, ``size``) that the prompt-following score checks;
+- ``encoders(module)``: what turns its training batches into latents and text features: the module's frozen
+  encoders (``FrozenEncoders``), unless its batches are already encoded (``datamodules.cache``).
 
 Test and predict batches are prompts, not images: ``{"caption", "index", "height", "width", ...}``.
 
@@ -26,6 +28,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.buckets import BucketBatchSampler, bucket_sizes
 from datamodules.curriculum import CurriculumBatchSampler, ResolutionSchedule
+from lit_dimba.conditioning.encoders import BatchEncoders, FrozenEncoders
 from lit_dimba.errors import ConfigError
 
 
@@ -47,6 +50,11 @@ class CaptionImageSource(ABC):
     @abstractmethod
     def test_prompts(self) -> list[dict]:
         """Held-out prompts ``{"caption": str, ...}`` for ``test``."""
+
+    def encoders(self, module) -> BatchEncoders:
+        """The module's frozen text encoder and VAE, which this source's images and captions need."""
+        module.require_text_encoder(f"data.source {type(self).__name__} gives captions, not cached features")
+        return FrozenEncoders(module.text_encoder, module.vae)
 
 
 class PromptSet(Dataset):

@@ -105,18 +105,23 @@ def test_loss_from_cache_equals_online_loss_and_skips_the_encoders(tmp_path, lat
     cached = default_collate([CachedFeaturesSource(str(tmp_path)).train_dataset(RESOLUTION)[i] for i in range(8)])
     assert cached["latent_mean"].shape[0] == 8 and cached["text_mask"].dtype == torch.bool
     assert cached["caption"] == online["caption"]
-    expected = module.diffusion_losses(online, 0.0, torch.Generator().manual_seed(0))["loss"]
+    per_sample = {}  # the diffusion's per-sample losses, recorded on their way to the module's mean
+    training_losses = module.diffusion.training_losses
+    monkeypatch.setattr(module.diffusion, "training_losses",
+                        lambda *args: per_sample.setdefault(len(per_sample), training_losses(*args)))
+    expected = module.batch_losses(online, 0.0, torch.Generator().manual_seed(0))
 
     def fail(*args):
         raise AssertionError("an encoder ran on a cached batch")
 
+    module.batch_encoders = CachedFeaturesSource(str(tmp_path)).encoders(module)  # as setup (its check probes)
     monkeypatch.setattr(module.vae, "encode", fail)
     monkeypatch.setattr(module.text_encoder, "forward", fail)
-    x0, y, mask = module.encode_batch(cached)
-    t, noise, x_t, drop = module.noise_batch(x0, 0.0, torch.Generator().manual_seed(0))
-    losses = module.diffusion.training_losses(module.model(x_t, t, y, mask, drop), x0, noise, x_t, t)["loss"]
-    assert expected.min() > 0.01 and not torch.allclose(expected, expected[:1].expand(8))
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-7)
+    losses = module.batch_losses(cached, 0.0, torch.Generator().manual_seed(0))
+    online_losses, cached_losses = per_sample[0]["loss"], per_sample[1]["loss"]
+    assert online_losses.min() > 0.01 and not torch.allclose(online_losses, online_losses[:1].expand(8))
+    torch.testing.assert_close(cached_losses, online_losses, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses["loss"], expected["loss"], rtol=1e-5, atol=1e-7)
 
 
 def test_sample_posterior_draws_around_the_cached_mean(tmp_path):
@@ -127,7 +132,8 @@ def test_sample_posterior_draws_around_the_cached_mean(tmp_path):
     assert std.min() > 0
     torch.manual_seed(0)
     n = 400
-    draws = torch.stack([module.encode_batch(batch)[0] for _ in range(n)])
+    encoders = CachedFeaturesSource(str(tmp_path)).encoders(module)
+    draws = torch.stack([encoders(batch)[0] for _ in range(n)])
     assert not torch.equal(draws[0], draws[1])
     assert ((draws.mean(0) - mean).abs() <= 5 * std / n ** 0.5).all()
     torch.testing.assert_close(draws.std(0).mean(), std.mean(), rtol=0.05, atol=0)

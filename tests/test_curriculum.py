@@ -1,8 +1,10 @@
 """Resolution curriculum: the schedule, stage switches at exact steps through the CLI, resume inside a stage."""
 
 import json
+import math
 import os
 
+import numpy as np
 import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -12,6 +14,7 @@ from datamodules.curriculum import CurriculumBatchSampler, ResolutionSchedule, S
 from lit_dimba.errors import ConfigError
 from main import main
 from tests.conftest import DEMO, ROOT, TINY
+from tests.test_pe import UsedPE, reference_pe
 
 STAGES = [Stage(2, {16: 1.0}, 4), Stage(5, {16: 0.5, 32: 0.5}, 2), Stage(7, {32: 1.0}, 2)]
 
@@ -50,13 +53,31 @@ def test_sampler_splits_ranks_and_resumes():
 
 
 class RecordShapes(Callback):
-    def __init__(self, path: str):
-        self.path = path
+    """Writes, per training step, the batch's shape and captions and whether the PE the training forward added is
+    the sin-cos of the batch's grid interpolated to ``base_grid`` (``tests.test_pe.reference_pe``); the validation
+    forwards' shapes and PE checks go to ``val-<path>``."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def __init__(self, path: str, base_grid: int):
+        self.path = path
+        self.base_grid = base_grid
+
+    def on_fit_start(self, trainer, pl_module):
+        self.used = UsedPE(pl_module.model)
+
+    def interpolated(self, pl_module) -> bool:
+        h, w = self.used.grid
+        expected = reference_pe(pl_module.model.hidden_size, h, w, self.base_grid / math.sqrt(h * w))
+        return bool(np.abs(self.used.pe - expected).max() < 1e-5)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "shape": list(batch["image"].shape),
-                                "captions": batch["caption"], "pe": pl_module.model.pe_interpolation}) + "\n")
+            f.write(json.dumps({"step": trainer.global_step - 1, "shape": list(batch["image"].shape),
+                                "captions": batch["caption"], "pe_interpolated": self.interpolated(pl_module)}) + "\n")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        with open(f"val-{self.path}", "a") as f:
+            f.write(json.dumps({"shape": list(batch["image"].shape),
+                                "pe_interpolated": self.interpolated(pl_module)}) + "\n")
 
 
 def run(record: str, *extra):
@@ -64,7 +85,7 @@ def run(record: str, *extra):
         {"class_path": "callbacks.ResolutionCurriculum", "init_args": {"stages": [
             {"until_step": s.until_step, "resolutions": s.resolutions, "batch_size": s.batch_size} for s in STAGES]}},
         {"class_path": "callbacks.PEInterpolation", "init_args": {"base_resolution": 16}},
-        {"class_path": "tests.test_curriculum.RecordShapes", "init_args": {"path": record}},
+        {"class_path": "tests.test_curriculum.RecordShapes", "init_args": {"path": record, "base_grid": 4}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": "ckpt", "save_top_k": -1, "every_n_train_steps": 1}},
     ]
@@ -80,10 +101,15 @@ def test_stages_switch_at_their_step_and_resume_inside_a_stage(in_tmp):
     for record in full:
         _, resolution, batch_size = schedule.at(record["step"])
         assert record["shape"] == [batch_size, 3, resolution, resolution], record
-        assert record["pe"] == resolution / 16, "PEInterpolation follows each batch's resolution"
+        assert record["pe_interpolated"], "the PE of each batch is interpolated from its own grid"
     assert {r["shape"][-1] for r in full[2:5]} == {16, 32}, "stage 2 mixes both resolutions"
+    validation = [json.loads(line) for line in open("val-full.jsonl")]
+    assert validation and all(r["shape"][-1] == 16 and r["pe_interpolated"] for r in validation), \
+        "validation runs at data.resolution whatever the stage"
     scalars = EventAccumulator("logs/tiny/version_0").Reload()
     assert [e.value for e in scalars.Scalars("curriculum/stage")] == [0, 0, 1, 1, 1, 2, 2]
+    assert [e.value for e in scalars.Scalars("curriculum/resolution")] == [r["shape"][-1] for r in full]
+    assert [e.value for e in scalars.Scalars("pe/interpolation")] == [r["shape"][-1] / 16 for r in full]
     assert "val/loss" in scalars.Tags()["scalars"]
 
     resumed = run("resumed.jsonl", "--ckpt_path", "ckpt/epoch=0-step=3.ckpt")  # inside stage 2
@@ -106,7 +132,8 @@ def test_curriculum_configs_run_at_tiny_scale(in_tmp, name):
         {"class_path": "callbacks.ResolutionCurriculum", "init_args": {"stages": [
             {"until_step": s.until_step, "resolutions": s.resolutions, "batch_size": 2} for s in stages]}},
         {"class_path": "callbacks.PEInterpolation", "init_args": {"base_resolution": tiny[base]}},
-        {"class_path": "tests.test_curriculum.RecordShapes", "init_args": {"path": "shapes.jsonl"}},
+        {"class_path": "tests.test_curriculum.RecordShapes",
+         "init_args": {"path": "shapes.jsonl", "base_grid": tiny[base] // 4}},
     ]
     main(["fit", "--config", DEMO, "--config", TINY, "--trainer.max_steps", str(2 * len(stages)),
           "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
@@ -114,7 +141,7 @@ def test_curriculum_configs_run_at_tiny_scale(in_tmp, name):
     records = [json.loads(line) for line in open("shapes.jsonl")]
     schedule = ResolutionSchedule(stages, 2)
     assert [r["shape"] for r in records] == [[2, 3, schedule.at(s)[1], schedule.at(s)[1]] for s in range(len(records))]
-    assert [r["pe"] for r in records] == [r["shape"][-1] / tiny[base] for r in records]
+    assert all(r["pe_interpolated"] for r in records)
 
 
 def test_curriculum_with_aspect_buckets(in_tmp):
@@ -134,6 +161,7 @@ def test_curriculum_with_aspect_buckets(in_tmp):
         assert record["shape"][0] == batch_size and tuple(record["shape"][2:]) in bucket_sizes(resolution, 4, 2.0)
         numbers = [int(c.split()[-1]) for c in record["captions"]]
         assert len({SHAPES[n % 3] for n in numbers}) == 1, "one aspect bucket per batch"
+        assert record["pe_interpolated"], "a bucket's PE steps by base / sqrt(h * w) on both axes"
     assert len({tuple(r["shape"][2:]) for r in full}) > 2
     resumed = run("resumed.jsonl", *bucketed, "--ckpt_path", "ckpt/epoch=0-step=3.ckpt")
     assert resumed == full[3:]

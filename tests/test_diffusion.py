@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lit_dimba.diffusion.gaussian import GaussianDiffusion
+from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised
 
 
 def test_schedule_and_targets_match_diffusers():
@@ -32,18 +32,18 @@ def test_learned_sigma_loss():
     t = torch.tensor([1, 50, 400, 999])
     x_t = diffusion.add_noise(x0, noise, t)
     perfect = torch.cat([noise, -torch.ones_like(noise)], 1)  # frac 0 -> posterior log-variance
-    losses = diffusion.training_losses(perfect, x0, noise, x_t, t)
+    losses = diffusion.training_losses(perfect, Noised(x0, noise, t, x_t))
     assert set(losses) == {"mse", "vb", "loss"}
     assert losses["vb"].abs().max() < 1e-4 and losses["mse"].max() < 1e-12
     t = torch.tensor([0, 1, 5, 20])  # where the posterior variance is far below beta_t
     x_t = diffusion.add_noise(x0, noise, t)
     wrong = torch.cat([noise, torch.ones_like(noise)], 1).requires_grad_()
-    out = diffusion.training_losses(wrong, x0, noise, x_t, t)
+    out = diffusion.training_losses(wrong, Noised(x0, noise, t, x_t))
     assert (out["vb"] > 1e-3).all()
     out["vb"].sum().backward()
     assert wrong.grad[:, :3].abs().max() == 0 and wrong.grad[:, 3:].abs().max() > 0
     with pytest.raises(ValueError, match="expected 3 or 6"):
-        diffusion.training_losses(torch.randn(4, 5, 8, 8), x0, noise, x_t, t)
+        diffusion.training_losses(torch.randn(4, 5, 8, 8), Noised(x0, noise, t, x_t))
 
 
 @pytest.mark.parametrize("sampler", ["dpm++", "ddim", "euler"])
@@ -62,3 +62,16 @@ def test_samplers_recover_a_point_distribution(sampler, prediction_type):
     torch.testing.assert_close(out, target, atol=2e-2, rtol=0)
     with pytest.raises(ValueError, match="unknown sampler"):
         diffusion.make_scheduler("plms")
+
+
+def test_noise_draws_timesteps_then_noise_from_the_generator():
+    diffusion = GaussianDiffusion()
+    x0 = torch.randn(64, 3, 4, 4)
+    noised = diffusion.noise(x0, torch.Generator().manual_seed(5))
+    again = diffusion.noise(x0, torch.Generator().manual_seed(5))
+    assert torch.equal(noised.t, again.t) and torch.equal(noised.noise, again.noise), "a function of the generator"
+    generator = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (64,), generator=generator)
+    assert torch.equal(noised.t, t) and torch.equal(noised.noise, torch.randn(x0.shape, generator=generator))
+    assert noised.x0 is x0 and len(set(noised.t.tolist())) > 32
+    torch.testing.assert_close(noised.x_t, diffusion.add_noise(x0, noised.noise, noised.t), rtol=0, atol=0)

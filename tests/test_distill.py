@@ -115,7 +115,7 @@ def train(module, batch, steps):
     module.train()
     history = []
     for step in range(steps):
-        losses = module.distill_losses(batch, 0.0, torch.Generator().manual_seed(step % 2))
+        losses = module.batch_losses(batch, 0.0, torch.Generator().manual_seed(step % 2))
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -149,10 +149,15 @@ def test_kd_loss_is_the_sum_of_its_terms(teacher_file):
     """The KD loss recomputed by hand, with the mixer outputs taken by forward hooks instead of return_mixer_io."""
     module = make_distill(teacher_file, lambda_eps=0.5, lambda_features=0.2).eval()
     batch = fixed_batch(4, 16)
-    losses = module.distill_losses(batch, 0.0, torch.Generator().manual_seed(3))
+    losses = module.batch_losses(batch, 0.0, torch.Generator().manual_seed(3))
 
-    x0, y, mask = module.encode_batch(batch)
-    t, noise, x_t, drop = module.noise_batch(x0, 0.0, torch.Generator().manual_seed(3))
+    x0 = batch["image"]  # pixel space: the latents are the images
+    y, mask = module.text_encoder(batch["caption"])
+    generator = torch.Generator().manual_seed(3)  # the module's draws: timesteps, then noise
+    t = torch.randint(0, 1000, (4,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = module.diffusion.add_noise(x0, noise, t)
+    drop = torch.zeros(4, dtype=torch.bool)
     captured = {"student": {}, "teacher": {}}
     hooks = [block.mixer.register_forward_hook(lambda m, args, out, i=i, who=who: captured[who].update({i: out}))
              for who, net in (("student", module.model), ("teacher", module.teacher))
@@ -175,7 +180,7 @@ def test_kd_loss_is_the_sum_of_its_terms(teacher_file):
 def test_kd_without_teacher_terms_does_not_run_the_teacher(teacher_file):
     module = make_distill(teacher_file, lambda_eps=0.0, lambda_features=0.0)
     module.teacher.forward = None  # any call fails
-    losses = module.distill_losses(fixed_batch(2, 16), 0.0)
+    losses = module.batch_losses(fixed_batch(2, 16), 0.0)
     assert set(losses) == {"mse", "diffusion", "loss"}
 
 

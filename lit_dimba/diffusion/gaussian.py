@@ -7,6 +7,7 @@ with the mean frozen, as PixArt trains; samplers use the first C channels.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -35,6 +36,20 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     log_one_minus_cdf_minus = torch.log((1.0 - cdf_minus).clamp(min=1e-12))
     log_probs = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_probs))
+
+
+@dataclass
+class Noised:
+    """A training batch noised at random timesteps: what the loss needs besides the model's output.
+
+    x0: clean latents (B, C, H, W); noise: the Gaussian noise added (B, C, H, W); t: integer timesteps (B,);
+    x_t: the noised latents sqrt(a_t) x0 + sqrt(1 - a_t) noise (B, C, H, W), the model's input.
+    """
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
 
 
 class GaussianDiffusion(nn.Module):
@@ -71,9 +86,17 @@ class GaussianDiffusion(nn.Module):
         """values[t] reshaped to (B, 1, ..., 1) for broadcasting over a tensor of ``ndim`` dims."""
         return values[t].reshape(-1, *([1] * (ndim - 1)))
 
-    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Uniform integer timesteps (B,) in [0, num_timesteps)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
+    def sample_timesteps(self, batch_size: int, device: torch.device,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform integer timesteps (B,) in [0, num_timesteps), drawn from ``generator``."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+        """Noise latents x0 (B, C, H, W) at uniform random timesteps: t (B,), then the noise (B, C, H, W), both
+        drawn from ``generator`` in that order (None: the global generator)."""
+        t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return Noised(x0, noise, t, self.add_noise(x0, noise, t))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise. Shapes (B, C, H, W), t (B,)."""
@@ -111,12 +134,13 @@ class GaussianDiffusion(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def training_losses(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-                        x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample losses (B,) for a model output of C (fixed variance) or 2C (learned sigma) channels.
+    def training_losses(self, model_output: torch.Tensor, noised: Noised) -> dict[str, torch.Tensor]:
+        """Per-sample losses (B,) of a model output (B, C or 2C, H, W) at ``noised.x_t``: C channels for a fixed
+        variance, 2C for a learned sigma.
 
         Returns {"mse", "vb" (only with learned sigma), "loss"}.
         """
+        x0, noise, t, x_t = noised.x0, noised.noise, noised.t, noised.x_t
         C = x0.shape[1]
         if model_output.shape[1] not in (C, 2 * C):
             raise ValueError(f"model output has {model_output.shape[1]} channels; expected {C} or {2 * C}")

@@ -15,6 +15,7 @@ Layout entries (``MIXER_KINDS``):
 Names and tensor layouts follow PixArt-alpha so that its checkpoints load by (renamed) key.
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -203,12 +204,16 @@ class Backbone(nn.Module):
         in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
         caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
         base_size: None (default): positions step by ``1 / pe_interpolation`` per token on both axes, whatever the
-            grid: training at a new resolution extrapolates the positions, unless ``callbacks.PEInterpolation`` raises
+            grid: training at a new resolution extrapolates the positions, unless ``pe_base_grid`` raises
             ``pe_interpolation`` with it. An int: PixArt-alpha's formula, each axis stretched to
             ``base_size / pe_interpolation`` positions (PixArt checkpoints were trained so; their converter sets it).
             See ``sincos_2d``.
-        pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2); ``callbacks.PEInterpolation`` sets it from the
-            data resolution in training.
+        pe_interpolation: PixArt's PE scale (512^2 -> 1, 1024^2 -> 2) at every resolution, unless ``pe_base_grid``.
+        pe_base_grid: None (default), or the token grid side at which the PE scale is 1: every forward then takes
+            its scale from its input's h x w token grid, ``pe_interpolation = sqrt(h * w) / pe_base_grid``, with
+            ``base_size`` None (so ``base_size`` is not used): positions step by ``pe_base_grid / sqrt(h * w)`` per
+            token on both axes and every resolution spans the positions of the base one (PE interpolation, as
+            PixArt-alpha's 1024 and 2048 models; ``callbacks.PEInterpolation`` sets it from a pixel resolution).
         pe_mode: "pixart" (each axis stretched to the same range) or "centred" (centred, one step on both axes,
             normalised by the long edge); see ``sincos_2d``.
         gradient_checkpointing: recompute each block in backward (training only).
@@ -223,7 +228,8 @@ class Backbone(nn.Module):
     block (what distillation matches between teacher and student).
 
     ``config`` holds the constructor arguments (plain Python values, with the current ``base_size``,
-    ``pe_interpolation`` and ``pe_mode``, which callbacks may change), enough to rebuild the same network.
+    ``pe_interpolation``, ``pe_mode`` and ``pe_base_grid``, which ``callbacks.PEInterpolation`` may set before a run),
+    enough to rebuild the same network.
     """
 
     def __init__(
@@ -241,6 +247,7 @@ class Backbone(nn.Module):
         base_size: int | None = None,
         pe_interpolation: float = 1.0,
         pe_mode: str = "pixart",
+        pe_base_grid: int | None = None,
         gradient_checkpointing: bool = False,
         dimba_ratio: int = 1,
         mamba: MambaConfig = MambaConfig(),
@@ -252,7 +259,8 @@ class Backbone(nn.Module):
             layout=layout if isinstance(layout, str) else list(layout), depth=depth, hidden_size=hidden_size,
             num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size, in_channels=in_channels,
             learn_sigma=learn_sigma, caption_channels=caption_channels, token_num=token_num, base_size=base_size,
-            pe_interpolation=pe_interpolation, pe_mode=pe_mode, gradient_checkpointing=gradient_checkpointing,
+            pe_interpolation=pe_interpolation, pe_mode=pe_mode, pe_base_grid=pe_base_grid,
+            gradient_checkpointing=gradient_checkpointing,
             dimba_ratio=dimba_ratio, mamba=asdict(mamba), micro_conditioning=micro_conditioning,
             pixels_per_latent=pixels_per_latent,
         )
@@ -268,6 +276,7 @@ class Backbone(nn.Module):
         if pe_mode not in ("pixart", "centred"):
             raise ValueError(f"pe_mode={pe_mode!r}; choose 'pixart' or 'centred'")
         self.pe_mode = pe_mode
+        self.pe_base_grid = pe_base_grid
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -341,9 +350,18 @@ class Backbone(nn.Module):
             )
         return height // p, width // p
 
+    def pe_scale(self, grid: tuple[int, int]) -> float:
+        """PixArt's ``pe_interpolation`` of the PE of an (h, w) token grid: ``sqrt(h * w) / pe_base_grid``, or the
+        configured ``pe_interpolation`` when ``pe_base_grid`` is None."""
+        if self.pe_base_grid is None:
+            return self.pe_interpolation
+        return math.sqrt(grid[0] * grid[1]) / self.pe_base_grid
+
     def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """(1, h * w, hidden) sin-cos PE of the grid at the current ``base_size``, ``pe_interpolation``, ``pe_mode``."""
-        return sincos_2d(self.hidden_size, *grid, self.base_size, self.pe_interpolation, device, self.pe_mode)[None]
+        """(1, h * w, hidden) sin-cos PE of the (h, w) token grid: scale ``pe_scale(grid)``, ``pe_mode``, and
+        ``base_size`` unless ``pe_base_grid`` is set."""
+        base_size = None if self.pe_base_grid is not None else self.base_size
+        return sincos_2d(self.hidden_size, *grid, base_size, self.pe_scale(grid), device, self.pe_mode)[None]
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h * w, p * p * c) -> (B, c, h * p, w * p), PixArt's channel order (p, q, c)."""
@@ -380,7 +398,7 @@ class Backbone(nn.Module):
     @property
     def config(self) -> dict:
         return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation,
-                "pe_mode": self.pe_mode}
+                "pe_mode": self.pe_mode, "pe_base_grid": self.pe_base_grid}
 
     @classmethod
     def from_config(cls, config: dict) -> "Backbone":

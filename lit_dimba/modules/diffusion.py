@@ -21,10 +21,11 @@ from torchvision.utils import make_grid, save_image
 
 from datamodules.synthetic import Scene
 from lit_dimba.checkpoints import load_backbone_state, load_exact, mismatched_tensors
+from lit_dimba.conditioning.encoders import BatchEncoders, FrozenEncoders
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
-from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
+from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised, Sampler
 from lit_dimba.errors import ConfigError, TrainingStopped, describe_names
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
@@ -122,6 +123,7 @@ class DiffusionModule(L.LightningModule):
         self.text_encoder = text_encoder
         self.vae = vae
         self.diffusion = diffusion or GaussianDiffusion()
+        self.batch_encoders: BatchEncoders = FrozenEncoders(text_encoder, vae)  # the data source's, from setup
         self.caption_dropout = caption_dropout
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -147,14 +149,11 @@ class DiffusionModule(L.LightningModule):
             self.check_resolution(resolution, "data.resolution")
         if getattr(datamodule, "buckets", None):
             self.check_resolution(datamodule.bucket_multiple, "data.bucket_multiple")
-        source = getattr(datamodule, "source", None)
-        cached = hasattr(source, "check_encoders")
-        if cached:  # a feature cache must come from this model's encoders
-            source.check_encoders(self)
         if stage in ("test", "predict"):
             self.require_text_encoder(f"{stage} generates images from prompts")
-        elif not cached:
-            self.require_text_encoder(f"data.source {type(source).__name__} gives captions, not cached features")
+        source = getattr(datamodule, "source", None)
+        if source is not None:  # the source knows its batches: images and captions, or cached features
+            self.batch_encoders = source.encoders(self)
 
     def configure_model(self) -> None:
         """Compile the trained backbone's blocks (and the teacher's, for distillation) once, if ``compile`` asks and
@@ -268,45 +267,29 @@ class DiffusionModule(L.LightningModule):
                               "was trained with")
 
     # -------------------------------------------------------------------------------------------- training
-    @torch.no_grad()
-    def encode_batch(self, batch: dict, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images and captions -> latents (B, C, h, w), text features (B, L, D), mask (B, L) bool.
+    def batch_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The scalar losses of a training or validation batch, the one path from batch to loss: ``batch_encoders``
+        gives latents x0 (B, C, h, w) and text features, ``diffusion.noise`` noises x0 at random timesteps, a
+        ``drop_prob`` share of the captions (and every empty one) is replaced by the null caption, and ``loss``
+        computes the objective. Every random draw (posterior sample, timesteps, noise, caption drops, in that order)
+        comes from ``generator``."""
+        x0, y, mask = self.batch_encoders(batch, generator)
+        noised = self.diffusion.noise(x0, generator)
+        drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < drop_prob
+        empty = torch.tensor([not caption for caption in batch["caption"]], device=x0.device)
+        return self.loss(noised, y, mask, drop | empty)
 
-        A batch from the feature cache (``datamodules.cache``) carries the VAE posterior ``latent_mean`` and
-        ``latent_std`` (B, C, h, w) instead of images, and ``text_features`` (B, L, D) and ``text_mask`` (B, L);
-        neither encoder runs then. Cached latents follow the VAE's sample policy (``vae.posterior_latents``, as
-        online): the mean, or with ``vae.sample_posterior`` a fresh draw mean + std * N(0, 1) at every step, from
-        ``generator``.
+    def loss(self, noised: Noised, y: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The objective, the hook a subclass overrides (distillation): scalar losses whose ``loss`` is optimised and
+        all of which are logged. Here the diffusion loss of ``self.model`` (``mse``, and ``vb`` with a learned sigma)
+        averaged over the batch.
+
+        noised: x0, noise, t and x_t (``GaussianDiffusion.noise``); y (B, L, D) text features, mask (B, L) bool;
+        drop (B,) bool: samples trained with the null caption.
         """
-        if "latent_mean" in batch:
-            latents = self.vae.posterior_latents(batch["latent_mean"], batch["latent_std"], generator)
-        else:
-            latents = self.vae.encode(batch["image"], generator)
-        if "text_features" in batch:
-            return latents, batch["text_features"], batch["text_mask"]
-        self.require_text_encoder("this batch has captions, not cached text features")
-        features, mask = self.text_encoder(batch["caption"])
-        return latents, features, mask
-
-    def noise_batch(self, x0: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None,
-                    unconditional: torch.Tensor | None = None):
-        """Random timesteps t (B,), noise and x_t (B, C, h, w) and caption-drop flags (B,) for latents x0.
-
-        ``unconditional`` (B,) bool marks samples that always get the null caption (empty captions).
-        """
-        B = x0.shape[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        drop = torch.rand(B, device=x0.device, generator=generator) < drop_prob
-        if unconditional is not None:
-            drop = drop | unconditional.to(drop.device)
-        return t, noise, self.diffusion.add_noise(x0, noise, t), drop
-
-    @staticmethod
-    def unconditional(batch: dict) -> torch.Tensor:
-        """(B,) bool: the samples whose caption is empty, trained with the null caption."""
-        return torch.tensor([not caption for caption in batch["caption"]])
+        output = self.model(noised.x_t, noised.t, y, mask, drop)
+        return {name: value.mean() for name, value in self.diffusion.training_losses(output, noised).items()}
 
     def log_skipped(self, batch: dict) -> None:
         """Count the bad records the data source passed over (TensorBoard ``data/skipped_step`` per step and
@@ -316,20 +299,12 @@ class DiffusionModule(L.LightningModule):
             self.log("data/skipped", skipped, on_step=True, on_epoch=True, reduce_fx="sum",
                      batch_size=len(batch["caption"]))
 
-    def diffusion_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
-        """Noise the batch at random timesteps and return per-sample losses (B,) from ``training_losses``."""
-        x0, y, mask = self.encode_batch(batch, generator)
-        t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator, self.unconditional(batch))
-        output = self.model(x_t, t, y, mask, drop)
-        return self.diffusion.training_losses(output, x0, noise, x_t, t)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.diffusion_losses(batch, self.caption_dropout, self.training_generator)
+        losses = self.batch_losses(batch, self.caption_dropout, self.training_generator)
         self.log_skipped(batch)
-        B = len(batch["caption"])
         for name, value in losses.items():
-            self.log(f"train/{name}", value.mean(), batch_size=B, prog_bar=name == "loss")
-        return self.finite_or_skip(losses["loss"].mean(), batch)
+            self.log(f"train/{name}", value, batch_size=len(batch["caption"]), prog_bar=name == "loss")
+        return self.finite_or_skip(losses["loss"], batch)
 
     def finite_or_skip(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Check ``loss`` for NaN and infinity on every rank (one flag reduced over the ranks, so all ranks agree; the
@@ -368,9 +343,9 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        losses = self.diffusion_losses(batch, 0.0, generator)
+        losses = self.batch_losses(batch, 0.0, generator)
         for name, value in losses.items():
-            self.log(f"val/{name}", value.mean(), batch_size=len(batch["caption"]), sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=len(batch["caption"]), sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

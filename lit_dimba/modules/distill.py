@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_dimba.checkpoints import copy_matching, load_backbone_state, load_exact
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
-from lit_dimba.diffusion.gaussian import GaussianDiffusion
+from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.backbone import SCAN_KINDS, Backbone
 from lit_dimba.modules.diffusion import DiffusionModule, Sampling
@@ -133,6 +133,13 @@ class DistillModule(DiffusionModule):
         checkpoint["teacher"] = {"checkpoint": self.teacher_checkpoint, "config": self.teacher.config}
 
     # ------------------------------------------------------------------------------------------------ losses
+    def loss(self, noised: Noised, y: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The current stage's scalar losses (``forcing_losses`` or ``kd_losses``); arguments as
+        ``DiffusionModule.loss``."""
+        if self.stage == "forcing":
+            return self.forcing_losses(noised.x_t, noised.t, y, mask, drop)
+        return self.kd_losses(noised, y, mask, drop)
+
     def forcing_losses(self, x_t, t, y, mask, drop) -> dict[str, torch.Tensor]:
         """Stage 1: each student Mamba mixer on the teacher's mixer input vs the teacher attention's output.
 
@@ -149,14 +156,15 @@ class DistillModule(DiffusionModule):
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
-    def kd_losses(self, x0, noise, x_t, t, y, mask, drop) -> dict[str, torch.Tensor]:
+    def kd_losses(self, noised: Noised, y, mask, drop) -> dict[str, torch.Tensor]:
         """Stage 2: the diffusion loss plus the weighted teacher-prediction and mixer-feature terms.
 
         Returns scalars ``diffusion`` (with its parts ``mse`` and, for a learned variance, ``vb``),
         ``teacher_eps``, ``mixer_features`` (when their weight is not 0) and the total ``loss``.
         """
+        x_t, t = noised.x_t, noised.t
         output, student_io = self.model(x_t, t, y, mask, drop, return_mixer_io=True)
-        losses = {k: v.mean() for k, v in self.diffusion.training_losses(output, x0, noise, x_t, t).items()}
+        losses = {k: v.mean() for k, v in self.diffusion.training_losses(output, noised).items()}
         losses["diffusion"] = losses.pop("loss")
         total = losses["diffusion"]
         if self.lambda_eps or self.lambda_features:
@@ -172,27 +180,6 @@ class DistillModule(DiffusionModule):
                 total = total + self.lambda_features * losses["mixer_features"]
         losses["loss"] = total
         return losses
-
-    def distill_losses(self, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
-        """The current stage's losses (scalars) on a noised batch."""
-        x0, y, mask = self.encode_batch(batch, generator)
-        t, noise, x_t, drop = self.noise_batch(x0, drop_prob, generator, self.unconditional(batch))
-        if self.stage == "forcing":
-            return self.forcing_losses(x_t, t, y, mask, drop)
-        return self.kd_losses(x0, noise, x_t, t, y, mask, drop)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.distill_losses(batch, self.caption_dropout, self.training_generator)
-        self.log_skipped(batch)
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, batch_size=len(batch["caption"]), prog_bar=name == "loss")
-        return self.finite_or_skip(losses["loss"], batch)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator(self.device).manual_seed(batch_idx)
-        losses = self.distill_losses(batch, 0.0, generator)
-        for name, value in losses.items():
-            self.log(f"val/{name}", value, batch_size=len(batch["caption"]), sync_dist=True)
 
 
 def check_pair(teacher: Backbone, student: Backbone) -> None:
