@@ -352,7 +352,7 @@ def test_exported_teacher_imports_back_identical(name, tmp_path):
      [], r"2 of its 3 blocks are Mamba \(mamba_h, mamba_w; .*layout 'dit'\)"),
     (dict(layout="dimba", mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)), ["--sample_size", "8"],
      r"2 of its 4 blocks are Mamba \(mamba_layer;"),
-    (dict(mlp_ratio=2.0, pe_mode="centred"), [], r"mlp_ratio 2.0 .*; pe_mode 'centred' .*; base_size null: .*"
+    (dict(mlp_ratio=2.0, pe_mode="centred"), [], r"mlp_ratio 2.0 .*; pe_mode 'centred' .*; base_size null .*: pass "
                                                  r"--sample_size"),
     (dict(base_size=4), ["--sample_size", "16"], r"sample_size 16: the backbone's base_size 4 fixes it at 8"),
 ])

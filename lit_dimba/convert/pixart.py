@@ -154,8 +154,8 @@ def diffusers_config(config: dict, sample_size: int | None = None) -> dict:
     if config["pe_mode"] != "pixart":
         problems.append(f"pe_mode {config['pe_mode']!r} (diffusers has PixArt's positional embedding only)")
     if base_size is None and sample_size is None:
-        problems.append("base_size null: name the latent size it was trained at (--sample_size, e.g. 64 for 512^2 "
-                        "SD-VAE latents), where diffusers' positional embedding equals it")
+        problems.append("base_size null (one position per token): pass --sample_size, the latent side it was "
+                        "trained at (64 for 512^2 on SD-VAE latents), where diffusers' positions equal ours")
     elif base_size is not None and sample_size not in (None, base_size * patch):
         problems.append(f"sample_size {sample_size}: the backbone's base_size {base_size} fixes it at "
                         f"{base_size * patch}")
