@@ -11,7 +11,8 @@ Weights are read from
 An export folder holds ``model.safetensors`` (the backbone's tensors), ``backbone.yaml`` (its
 ``class_path``/``init_args``, ready to paste under ``model.init_args.backbone`` of a config) and ``student.ckpt``
 (a Lightning checkpoint that ``main.py test|predict --ckpt_path`` loads into a ``HybridStudent`` or
-``TeacherDiT`` built from that backbone).
+``TeacherDiT`` built from that backbone). An all-attention backbone can also be written as a diffusers
+``PixArtTransformer2DModel`` folder (``lit_dimba.convert.pixart.write_diffusers``).
 """
 
 import os
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_dimba.convert.pixart import convert_pixart, is_pixart
+from lit_dimba.convert.pixart import convert_pixart, diffusers_config, is_pixart, write_diffusers
 from lit_dimba.errors import ConfigError, describe_names
 
 MODEL_PREFIX = "model."
@@ -119,7 +120,8 @@ def copy_matching(student: nn.Module, teacher_state: dict[str, torch.Tensor]) ->
     return [k for k in own if k not in copied]
 
 
-def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True) -> dict[str, str]:
+def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True, diffusers_dir: str | None = None,
+                    sample_size: int | None = None) -> dict[str, str]:
     """Write a trained backbone from a checkpoint of any of our modules as ``model.safetensors`` +
     ``backbone.yaml`` and as ``student.ckpt`` (see the module docstring). Returns the written paths.
 
@@ -127,11 +129,17 @@ def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True) -> dic
     the raw weights in its state dict and the EMA average in its ``EMA`` callback state, like a training
     checkpoint, so test/predict with an ``EMA`` callback sample from the average. Frozen teachers and encoders
     are not exported.
+
+    With ``diffusers_dir``, the same weights also go there as a ``PixArtTransformer2DModel`` folder
+    (``sample_size``: see ``diffusers_config``); a backbone diffusers cannot hold is refused before anything is
+    written.
     """
     checkpoint = read_checkpoint(checkpoint_path)
     if "backbone_config" not in checkpoint:
         raise ConfigError(f"{checkpoint_path!r} has no 'backbone_config'; it was written before lit-dimba recorded "
                           "the architecture in checkpoints, so it cannot be exported")
+    if diffusers_dir is not None:
+        pixart_config = diffusers_config(checkpoint["backbone_config"], sample_size)
     weights = backbone_state(checkpoint, ema, repr(checkpoint_path))
     written = write_export(weights, checkpoint["backbone_config"], out_dir,
                            {"source": os.path.abspath(checkpoint_path), "weights": "ema" if ema else "trained",
@@ -150,7 +158,10 @@ def export_backbone(checkpoint_path: str, out_dir: str, ema: bool = True) -> dic
         student["callbacks"] = {"EMA": averaged}
     student_path = os.path.join(out_dir, "student.ckpt")
     torch.save(student, student_path)
-    return {**written, "checkpoint": student_path}
+    written["checkpoint"] = student_path
+    if diffusers_dir is not None:
+        written["diffusers"] = write_diffusers(weights, pixart_config, diffusers_dir)
+    return written
 
 
 def write_export(weights: dict[str, torch.Tensor], config: dict, out_dir: str, metadata: dict[str, str]

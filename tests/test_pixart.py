@@ -1,4 +1,5 @@
-"""PixArt-alpha import: both formats convert to a Backbone whose output equals diffusers' PixArtTransformer2DModel."""
+"""PixArt-alpha import: both formats convert to a Backbone whose output equals diffusers' PixArtTransformer2DModel;
+and back: an exported teacher equals itself in diffusers and imports back identical."""
 
 import argparse
 import glob
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +18,8 @@ from lit_dimba.conditioning import LatentVAE, TextEncoder, TinyT5TextEncoder
 from lit_dimba.convert.__main__ import main as convert_main
 from lit_dimba.convert.pixart import convert_pixart
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.backbone import Backbone
+from lit_dimba.export import main as export_main
+from lit_dimba.models.backbone import Backbone, MambaConfig
 from lit_dimba.modules import TeacherDiT
 from main import main
 from tests.conftest import ROOT
@@ -270,3 +272,106 @@ def test_sharded_diffusers_weights(tmp_path):
     x, t, y, mask = inputs(8, 8)
     with torch.no_grad():
         assert (backbone(x, t, y, mask) - diffusers_output(reference, x, t, y, mask)).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------- export to diffusers
+# name -> (Backbone arguments, export options, latent height, width); sizes where diffusers' PE must equal ours
+EXPORTS = {
+    "PixArt's PE grid, learned sigma, non-square": (dict(base_size=4), [], 8, 12),
+    "base_size null (trained here), PE scale 2, fixed sigma": (
+        dict(pe_interpolation=2.0, learn_sigma=False), ["--sample_size", "8"], 8, 8),
+    "1024-MS micro-conditioning, non-square": (
+        dict(hidden_size=48, base_size=8, pe_interpolation=2.0, micro_conditioning=True), [], 16, 8),
+}
+
+
+def tiny_teacher(**overrides) -> Backbone:
+    """A 2-block DiT teacher with every parameter and the null caption random (none left at a zero init).
+
+    Scaled so that attention logits stay far below 10^4: diffusers masks padded caption tokens with a -10000 bias,
+    ours excludes them, and the two part once logits reach that size."""
+    backbone = Backbone(**{**dict(layout="dit", depth=2, hidden_size=16, num_heads=2, in_channels=4,
+                                  caption_channels=CAPTION, token_num=TOKENS), **overrides})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in (*backbone.parameters(), *backbone.buffers()):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+    return backbone.eval()
+
+
+def teacher_checkpoint(backbone: Backbone, path: str) -> None:
+    """Save like a training run: the backbone's parameters as the EMA average, other (trained) ones in the state
+    dict, so that an export of the wrong set shows."""
+    params = {k: v.detach().clone() for k, v in backbone.named_parameters()}
+    trained = {f"model.{k}": v + 1 if k in params else v for k, v in backbone.state_dict().items()}
+    torch.save({"state_dict": trained, "backbone_config": backbone.config,
+                "callbacks": {"EMA": {"num_updates": 10, "shadow": params}}}, path)
+
+
+def export_diffusers(backbone: Backbone, tmp_path, *options: str) -> str:
+    teacher_checkpoint(backbone, str(tmp_path / "last.ckpt"))
+    folder = str(tmp_path / "diffusers")
+    export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "export"), "--diffusers", folder, *options])
+    return folder
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_teacher_equals_in_diffusers(name, tmp_path):
+    overrides, options, height, width = EXPORTS[name]
+    backbone = tiny_teacher(**overrides)
+    folder = export_diffusers(backbone, tmp_path, *options)
+    exported = PixArtTransformer2DModel.from_pretrained(folder).eval()
+    assert exported.config.use_additional_conditions == backbone.micro_conditioning
+    x, t, y, mask = inputs(height, width)
+    with torch.no_grad():
+        expected = backbone(x, t, y, mask)
+    got = diffusers_output(exported, x, t, y, mask)
+    assert got.shape == expected.shape == (2, backbone.out_channels, height, width)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_teacher_imports_back_identical(name, tmp_path):
+    overrides, options, _, _ = EXPORTS[name]
+    backbone = tiny_teacher(**overrides)
+    folder = export_diffusers(backbone, tmp_path, *options)
+    expected = backbone.state_dict()
+    for state in (convert_pixart(folder)[0], load_backbone_state(folder)):
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], v) for k, v in expected.items())  # the null caption included
+    config = convert_pixart(folder)[1]
+    assert config["base_size"] * 2 == PixArtTransformer2DModel.load_config(folder)["sample_size"]
+    assert all(config[k] == backbone.config[k] for k in ("depth", "hidden_size", "num_heads", "learn_sigma",
+                                                         "pe_interpolation", "micro_conditioning", "token_num"))
+    # the usual export is written beside it, from the same (EMA) weights
+    assert all(torch.equal(load_backbone_state(str(tmp_path / "export"))[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("overrides, options, message", [
+    (dict(layout=["attn", "mamba_h", "mamba_w"], depth=3, mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)),
+     [], r"2 of its 3 blocks are Mamba \(mamba_h, mamba_w; .*layout 'dit'\)"),
+    (dict(layout="dimba", mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)), ["--sample_size", "8"],
+     r"2 of its 4 blocks are Mamba \(mamba_layer;"),
+    (dict(mlp_ratio=2.0, pe_mode="centred"), [], r"mlp_ratio 2.0 .*; pe_mode 'centred' .*; base_size null .*: pass "
+                                                 r"--sample_size"),
+    (dict(base_size=4), ["--sample_size", "16"], r"sample_size 16: the backbone's base_size 4 fixes it at 8"),
+])
+def test_export_names_what_diffusers_cannot_hold(overrides, options, message, tmp_path):
+    with pytest.raises(SystemExit, match="^error: this backbone is not exportable as a diffusers "
+                                         f"PixArtTransformer2DModel: {message}") as error:
+        export_diffusers(tiny_teacher(**overrides), tmp_path, *options)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "diffusers").exists()
+
+
+def test_pixart_pipeline_samples_the_exported_teacher(tmp_path):
+    transformer = PixArtTransformer2DModel.from_pretrained(export_diffusers(tiny_teacher(base_size=4), tmp_path))
+    text = TinyT5TextEncoder(d_model=CAPTION)
+    pipeline = PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.encoder,
+                                   vae=AutoencoderKL.from_config(TINY_VAE_CONFIG), transformer=transformer,
+                                   scheduler=DPMSolverMultistepScheduler())
+    images = pipeline(["a red circle", "a small blue square at the top"], num_inference_steps=2, height=16,
+                      width=16, use_resolution_binning=False, clean_caption=False, output_type="np",
+                      generator=[torch.Generator().manual_seed(0) for _ in range(2)]).images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # same noise, other prompt: the text reaches the teacher

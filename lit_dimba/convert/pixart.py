@@ -18,6 +18,10 @@ folder written by diffusers' ``save_pretrained`` lacks it and is refused with th
 Command line: ``python -m lit_dimba.convert SOURCE OUT`` writes an export folder (``model.safetensors`` +
 ``backbone.yaml``) that ``init_weights``, ``teacher_checkpoint`` and ``lit_dimba.checkpoints`` read. Those options
 also take the PixArt files directly: conversion is cheap, so it happens on load.
+
+The way back (``write_diffusers``, ``python -m lit_dimba.export ... --diffusers OUT``) writes an all-attention
+backbone as a diffusers folder, renaming through the same tables run backwards, with the null caption kept in the
+weights file as in the hub's folders.
 """
 
 import json
@@ -26,11 +30,15 @@ import pickle
 import re
 
 import torch
-from safetensors.torch import load_file
+from diffusers import PixArtTransformer2DModel
+from safetensors.torch import load_file, save_file
 
 from lit_dimba.errors import ConfigError, describe_names
+from lit_dimba.models.backbone import expand_layout
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# The null caption: in the hub's weights files, but not a tensor of diffusers' model (its pipeline encodes "").
+NULL_CAPTION = "caption_projection.y_embedding"
 # PixArt-alpha's attention head width (1152 / 16 heads): the original format does not record the head count.
 PIXART_HEAD_DIM = 72
 
@@ -46,7 +54,7 @@ _DIFFUSERS_RENAMES = {
     "adaln_single.linear.{w}": "t_block.1.{w}",
     "caption_projection.linear_1.{w}": "y_embedder.y_proj.fc1.{w}",
     "caption_projection.linear_2.{w}": "y_embedder.y_proj.fc2.{w}",
-    "caption_projection.y_embedding": "y_embedder.y_embedding",
+    NULL_CAPTION: "y_embedder.y_embedding",
     "proj_out.{w}": "final_layer.linear.{w}",
     "scale_shift_table": "final_layer.scale_shift_table",
     "transformer_blocks.{i}.scale_shift_table": "blocks.{i}.scale_shift_table",
@@ -63,6 +71,8 @@ _DIFFUSERS_FUSED = {
     "blocks.{i}.cross_attn.kv_linear.{w}": ("transformer_blocks.{i}.attn2.to_k.{w}",
                                             "transformer_blocks.{i}.attn2.to_v.{w}"),
 }
+# 1024-MS's size embedders (``use_additional_conditions``): the only tensors a PixArt transformer may lack.
+_OPTIONAL = ("adaln_single.emb.resolution", "adaln_single.emb.aspect")
 
 
 def _expand(pattern: str, depth: int) -> list[dict]:
@@ -79,11 +89,10 @@ def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[
     for theirs, ours in _DIFFUSERS_RENAMES.items():
         for sub in _expand(theirs, depth):
             name = theirs.format(**sub)
-            optional = name.startswith(("adaln_single.emb.resolution", "adaln_single.emb.aspect"))
             if name in state:
                 out[ours.format(**sub)] = state[name]
                 used.add(name)
-            elif not optional:
+            elif not name.startswith(_OPTIONAL):
                 missing.append(name)
     for ours, parts in _DIFFUSERS_FUSED.items():
         for sub in _expand(ours, depth):
@@ -94,9 +103,9 @@ def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[
                 continue
             out[ours.format(**sub)] = torch.cat([state[n] for n in names])
             used.update(names)
-    if "caption_projection.y_embedding" in missing:
+    if NULL_CAPTION in missing:
         raise ConfigError(
-            "the diffusers PixArt weights lack 'caption_projection.y_embedding', PixArt's learned null caption that "
+            f"the diffusers PixArt weights lack {NULL_CAPTION!r}, PixArt's learned null caption that "
             "classifier-free guidance and caption dropout use: diffusers' save_pretrained drops it. Convert the "
             "released weights (the hub's transformer/ folder or the original .pth), which hold it")
     unknown = sorted(k for k in state if k not in used)
@@ -108,6 +117,83 @@ def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[
     if problems:
         raise ConfigError(f"these diffusers PixArt-alpha weights do not convert: {'; '.join(problems)}")
     return out
+
+
+def to_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Our all-attention backbone's tensors -> ``PixArtTransformer2DModel`` names: ``convert_diffusers_state``
+    run backwards over the same tables, each fused projection split back into its equal row blocks (q, k, v).
+    The result holds the null caption (``NULL_CAPTION``) besides diffusers' model tensors."""
+    out = {}
+    for theirs, ours in _DIFFUSERS_RENAMES.items():
+        for sub in _expand(theirs, depth):
+            if ours.format(**sub) in state or not theirs.startswith(_OPTIONAL):
+                out[theirs.format(**sub)] = state[ours.format(**sub)]
+    for ours, parts in _DIFFUSERS_FUSED.items():
+        for sub in _expand(ours, depth):
+            rows = state[ours.format(**sub)].chunk(len(parts))
+            out.update({part.format(**sub): row.clone() for part, row in zip(parts, rows)})
+    return out
+
+
+def diffusers_config(config: dict, sample_size: int | None = None) -> dict:
+    """``PixArtTransformer2DModel`` arguments for a ``Backbone`` config (the inverse of ``convert_pixart``'s
+    reading of a diffusers config), or a ConfigError naming everything diffusers' PixArt transformer cannot hold.
+
+    diffusers stretches each axis's positions to ``sample_size / patch_size`` (our ``base_size``). A backbone
+    with ``base_size: null`` (one position step per token, every teacher trained here) has no such size: the
+    caller names the latent side it was trained at as ``sample_size``, where the two embeddings are equal (for
+    square inputs; at other square sizes diffusers interpolates the positions as ``callbacks.PEInterpolation``).
+    """
+    patch, base_size = config["patch_size"], config["base_size"]
+    kinds = expand_layout(config["layout"], config["depth"], config["dimba_ratio"])
+    mamba = [kind for kind in kinds if kind != "attn"]
+    problems = [f"{len(mamba)} of its {len(kinds)} blocks are Mamba ({', '.join(sorted(set(mamba)))}; a PixArt "
+                "transformer has self-attention blocks only: layout 'dit')"] if mamba else []
+    if config["mlp_ratio"] != 4:
+        problems.append(f"mlp_ratio {config['mlp_ratio']} (diffusers' PixArt MLP is 4x wide)")
+    if config["pe_mode"] != "pixart":
+        problems.append(f"pe_mode {config['pe_mode']!r} (diffusers has PixArt's positional embedding only)")
+    if base_size is None and sample_size is None:
+        problems.append("base_size null (one position per token): pass --sample_size, the latent side it was "
+                        "trained at (64 for 512^2 on SD-VAE latents), where diffusers' positions equal ours")
+    elif base_size is not None and sample_size not in (None, base_size * patch):
+        problems.append(f"sample_size {sample_size}: the backbone's base_size {base_size} fixes it at "
+                        f"{base_size * patch}")
+    elif sample_size is not None and sample_size % patch:
+        problems.append(f"sample_size {sample_size} is not a multiple of the patch size {patch}")
+    if problems:
+        raise ConfigError(f"this backbone is not exportable as a diffusers PixArtTransformer2DModel: "
+                          f"{'; '.join(problems)}")
+    hidden, heads, channels = config["hidden_size"], config["num_heads"], config["in_channels"]
+    return dict(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=channels,
+        out_channels=2 * channels if config["learn_sigma"] else channels, num_layers=config["depth"],
+        cross_attention_dim=hidden, sample_size=sample_size or base_size * patch, patch_size=patch,
+        interpolation_scale=config["pe_interpolation"], use_additional_conditions=config["micro_conditioning"],
+        caption_channels=config["caption_channels"],
+    )
+
+
+def write_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: str) -> str:
+    """Write our backbone tensors as a ``PixArtTransformer2DModel`` folder: ``config.json`` (diffusers'
+    ``save_config``) and ``diffusion_pytorch_model.safetensors`` holding the model's tensors and the null caption,
+    which ``save_pretrained`` would drop (diffusers warns that it does not use it, as for the hub's folders).
+
+    Args:
+        state: the backbone's tensors (our names).
+        config: ``PixArtTransformer2DModel`` arguments from ``diffusers_config``.
+        out_dir: the folder to write (``PixArtTransformer2DModel.from_pretrained(out_dir)`` loads it).
+    Returns the folder.
+    """
+    tensors = to_diffusers_state(state, config["num_layers"])
+    with torch.device("meta"):  # the config file, and a check that every tensor has its place, without allocating
+        model = PixArtTransformer2DModel(**config)
+    model.load_state_dict({k: v for k, v in tensors.items() if k != NULL_CAPTION}, assign=True)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_config(out_dir)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, DIFFUSERS_WEIGHTS[0]),
+              metadata={"format": "pt"})
+    return out_dir
 
 
 def convert_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
