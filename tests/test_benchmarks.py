@@ -1,5 +1,6 @@
-"""The GPU benchmark script runs end to end at tiny size on the CPU and prints its tables."""
+"""The GPU benchmark scripts run end to end at tiny size on the CPU, and what they measure comes out of the runs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,17 +8,26 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_hybrid_gpu_script_smoke():
+def test_hybrid_gpu_script_smoke(tmp_path):
+    results = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
          "--parts", "latency", "train", "distill", "--sizes", "64", "128x64", "--modes", "eager", "--iters", "1",
-         "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1"],
+         "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results", str(results)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "FAILED" not in result.stdout, result.stdout[-2000:]
-    assert "| t2md | eager | 128x64 | 32 |" in result.stdout and "| eager | 64x64 |" in result.stdout
-    assert "| t2md | 64^2 | 2 | no |" in result.stdout
-    assert "| forcing | 64^2 | 2 |" in result.stdout and "| kd | 64^2 | 2 |" in result.stdout
+    rows = json.loads(results.read_text())
+    latency = {(r["preset"], r["size"]): r for r in rows["latency"]}
+    assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md") for s in ("64x64", "128x64")}
+    assert all(r["ms"] > 0 for r in latency.values())
+    assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
+    (train,) = rows["train"]
+    assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
+    assert train["tflops"] > 0  # FLOPs were counted
+    stages = {r["stage"]: r for r in rows["distill"]}
+    assert set(stages) == {"forcing", "kd"} and all(r["images_per_sec"] > 0 for r in stages.values())
+    # forcing trains the Mamba mixers only; kd trains every token mixer (attention too)
+    assert 0 < stages["forcing"]["trained_m"] < stages["kd"]["trained_m"]
 
 
 def test_multi_gpu_script_smoke(tmp_path):
@@ -29,4 +39,7 @@ def test_multi_gpu_script_smoke(tmp_path):
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| dit-xl/2 | 64^2 | 2 | auto | 1 |" in result.stdout and "| dit-xl/2 | 64^2 | 2 | fsdp | 2 |" in result.stdout
+    speeds = {path.parent.name: json.loads(path.read_text()) for path in tmp_path.glob("speed-*/speed.json")}
+    assert set(speeds) == {"speed-dit-xl2-auto-1", "speed-dit-xl2-fsdp-2"}
+    assert speeds["speed-dit-xl2-auto-1"]["world_size"] == 1 and speeds["speed-dit-xl2-fsdp-2"]["world_size"] == 2
+    assert all(s["images_per_sec"] > 0 and s["steps"] == 2 for s in speeds.values())
