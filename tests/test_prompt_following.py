@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.synthetic import BACKGROUND, COLOURS, Scene, all_scenes, heldout_scenes, render
-from lit_dimba.eval.prompt_following import judge, read_scene, summarise
+from datamodules.synthetic import heldout_scenes
+from lit_dimba.eval.prompt_following import judge, summarise
+from lit_dimba.scenes import BACKGROUND, COLOURS, Scene, all_scenes, read_scene, render
 
 KEYS = {"colour", "shape", "position", "size", "all"}
 

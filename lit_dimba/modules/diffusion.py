@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchvision.utils import make_grid, save_image
 
-from datamodules.synthetic import Scene
 from lit_dimba.checkpoints import load_backbone_state, load_exact, mismatched_tensors
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
@@ -28,6 +27,7 @@ from lit_dimba.diffusion.gaussian import GaussianDiffusion, Sampler
 from lit_dimba.errors import ConfigError, TrainingStopped, describe_names
 from lit_dimba.eval.prompt_following import judge
 from lit_dimba.models.backbone import Backbone
+from lit_dimba.scenes import Scene
 from lit_dimba.strategies import unwrapped_name
 
 SCORED_ATTRIBUTES = ("colour", "shape", "position", "size", "all")
