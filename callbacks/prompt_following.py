@@ -1,21 +1,21 @@
 """Prompt-following score during training, so that ``ModelCheckpoint`` can keep the best checkpoint by it."""
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datamodules.caption_image import PromptSet
-from lit_dimba.modules.diffusion import SCORED_ATTRIBUTES
+from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes
 
 
 class PromptFollowing(Callback):
     """After each validation, generates the data source's held-out test prompts (the first ``num_prompts``) with
     the model's sampling settings (EMA weights when the ``EMA`` callback swaps them in) and logs the share of
     images right in each attribute: ``val/prompt_following/{colour,shape,position,size,all}``. The prompts are
-    split over ranks and the counts summed, so every rank logs the same value. Monitor one in ``ModelCheckpoint``
-    (``monitor: val/prompt_following/all``, ``mode: max``) to keep the best checkpoint. Needs prompts with scene
-    attributes (the synthetic source); with others it logs nothing.
+    split over ranks and scored by one ``PromptFollowingScore``, which sums the ranks' counts, so every rank logs
+    the same value. Monitor one in ``ModelCheckpoint`` (``monitor: val/prompt_following/all``, ``mode: max``) to
+    keep the best checkpoint. Needs prompts with scene attributes (the synthetic source); with others it logs
+    nothing.
 
     Args:
         num_prompts: prompts generated per validation.
@@ -34,22 +34,17 @@ class PromptFollowing(Callback):
             return
         datamodule = trainer.datamodule
         prompts = PromptSet(datamodule.source.test_prompts()[: self.num_prompts], datamodule.resolution)
-        # every rank generates the same number of batches (under FSDP each sampling step is a collective): the
-        # shares are padded with repeats of the first prompt, which are not counted
+        # every rank generates the same number of batches (under FSDP each sampling step is a collective): a
+        # shorter share is padded with repeats of the first prompt, which are generated but not scored
         share = list(range(trainer.global_rank, len(prompts), trainer.world_size))
-        padded = share + [0] * (-(-len(prompts) // trainer.world_size) - len(share))
-        counted = torch.tensor([1.0] * len(share) + [0.0] * (len(padded) - len(share)), device=pl_module.device)
-        loader = DataLoader(torch.utils.data.Subset(prompts, padded), batch_size=self.batch_size)
-        correct = torch.zeros(len(SCORED_ATTRIBUTES), device=pl_module.device)
-        count = torch.zeros((), device=pl_module.device)
+        per_rank = -(-len(prompts) // trainer.world_size)
+        loader = DataLoader(Subset(prompts, share + [0] * (per_rank - len(share))), batch_size=self.batch_size)
+        score = PromptFollowingScore().to(pl_module.device)
         for i, batch in enumerate(loader):
-            judged = pl_module.judge_batch(batch, pl_module.generate_batch(batch))
-            if not judged:
+            scenes = batch_scenes(batch)
+            if scenes is None:
                 return
-            weight = counted[i * self.batch_size: (i + 1) * self.batch_size]
-            correct += torch.stack([(judged[k].to(weight) * weight).sum() for k in SCORED_ATTRIBUTES])
-            count += weight.sum()
-        correct = trainer.strategy.reduce(correct, reduce_op="sum")
-        count = trainer.strategy.reduce(count, reduce_op="sum")
-        for key, value in zip(SCORED_ATTRIBUTES, correct / count.clamp(min=1)):
+            scored = max(0, len(share) - i * self.batch_size)  # the share's prompts come before the repeats
+            score.update(pl_module.generate_batch(batch)[:scored], scenes[:scored])
+        for key, value in score.compute().items():
             pl_module.log(f"val/prompt_following/{key}", value)

@@ -6,8 +6,10 @@ import os
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_dimba.checkpoints import ema_state
+from lit_dimba.eval.prompt_following import SCORES
 from tests.conftest import DEMO, ROOT, TINY, launch
 
 DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
@@ -47,6 +49,9 @@ def test_ddp_fit_test_predict_with_every_callback(in_tmp):
     assert load("ckpt/last.ckpt")["global_step"] == 4
     speed = json.load(open("speed.json"))
     assert speed["world_size"] == 2 and speed["steps"] == 3 and speed["images_per_sec"] > 0
+    # the PromptFollowing callback scored on both ranks and logged its summed counts
+    scalars = EventAccumulator("logs/tiny/version_0").Reload().Tags()["scalars"]
+    assert {f"val/prompt_following/{key}" for key in SCORES} <= set(scalars)
 
     launch(in_tmp, "test", *base, "--ckpt_path", "ckpt/last.ckpt")
     scores = json.load(open("logs/tiny/version_1/test_scores.json"))

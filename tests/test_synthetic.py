@@ -6,22 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.synthetic import (
-    _POSITION_PHRASES,
-    _SIZE_WORDS,
-    BACKGROUND,
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    HeldOutPrompts,
-    Scene,
-    SyntheticShapes,
-    all_scenes,
-    caption,
-    heldout_scenes,
-    render,
-)
+from datamodules.synthetic import HeldOutPrompts, SyntheticShapes, heldout_scenes
+from lit_dimba.scenes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, Scene, all_scenes, caption, render
+from lit_dimba.scenes.captions import POSITION_PHRASES, SIZE_WORDS
 
 
 def parse_caption(text: str) -> Scene:
@@ -29,10 +16,10 @@ def parse_caption(text: str) -> Scene:
     words = re.findall(r"[a-z]+", text)
     colours = [w for w in words if w in COLOURS]
     shapes = [w for w in words if w in SHAPES]
-    sizes = [size for size, synonyms in _SIZE_WORDS.items() for w in words if w in synonyms]
+    sizes = [size for size, synonyms in SIZE_WORDS.items() for w in words if w in synonyms]
     found = [
         (phrase, position)
-        for position, phrases in _POSITION_PHRASES.items()
+        for position, phrases in POSITION_PHRASES.items()
         for phrase in phrases
         if re.search(rf"\b{re.escape(phrase)}\b", text)
     ]
@@ -115,7 +102,7 @@ def test_caption_names_every_attribute_and_varies():
         assert parse_caption(text) == scene
         captions.append(text)
         # Replace attribute words by placeholders to compare the phrasing only.
-        words = [scene.colour, scene.shape, *_SIZE_WORDS[scene.size], *_POSITION_PHRASES[scene.position]]
+        words = [scene.colour, scene.shape, *SIZE_WORDS[scene.size], *POSITION_PHRASES[scene.position]]
         for word in sorted(words, key=len, reverse=True):
             text = re.sub(rf"\b{re.escape(word)}\b", "<>", text)
         phrasings.add(re.sub(r"\b(a|an|one)\b", "<a>", text))

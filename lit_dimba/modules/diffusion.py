@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchvision.utils import make_grid, save_image
 
-from datamodules.synthetic import Scene
 from lit_dimba.checkpoints import load_backbone_state, load_exact, mismatched_tensors
 from lit_dimba.conditioning.encoders import BatchEncoders, FrozenEncoders
 from lit_dimba.conditioning.text import TextEncoder
@@ -27,11 +26,9 @@ from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised, Sampler
 from lit_dimba.errors import ConfigError, TrainingStopped, describe_names
-from lit_dimba.eval.prompt_following import judge
+from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes
 from lit_dimba.models.backbone import Backbone
 from lit_dimba.strategies import unwrapped_name
-
-SCORED_ATTRIBUTES = ("colour", "shape", "position", "size", "all")
 
 
 @dataclass
@@ -140,6 +137,7 @@ class DiffusionModule(L.LightningModule):
         self.register_load_state_dict_post_hook(_allow_missing_frozen_weights)
         self._test_images: list[torch.Tensor] = []
         self._test_captions: list[str] = []
+        self.test_score = PromptFollowingScore()
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -393,37 +391,24 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ test
     def on_test_epoch_start(self) -> None:
-        self._test_correct = {k: torch.zeros((), device=self.device) for k in SCORED_ATTRIBUTES}
-        self._test_count = torch.zeros((), device=self.device)
+        self.test_score.reset()
         self._test_images, self._test_captions = [], []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         images = self.generate_batch(batch)
         self._test_images.append(images.cpu())
         self._test_captions.extend(batch["caption"])
-        correct = self.judge_batch(batch, images)
-        if correct:
-            for key, value in correct.items():
-                self._test_correct[key] += value.sum().to(self.device)
-            self._test_count += len(images)
-
-    @staticmethod
-    def judge_batch(batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image correctness (B,) bool of each scored attribute, for prompts that carry scene attributes
-        (the synthetic data's); empty for other prompts."""
-        if not all(k in batch for k in ("colour", "shape", "position", "size")):
-            return {}
-        scenes = [Scene(*attributes) for attributes in zip(batch["colour"], batch["shape"], batch["position"],
-                                                           batch["size"])]
-        return judge(images.cpu(), scenes)
+        scenes = batch_scenes(batch)
+        if scenes is not None:
+            self.test_score.update(images, scenes)
 
     def on_test_epoch_end(self) -> None:
-        count = self.trainer.strategy.reduce(self._test_count, reduce_op="sum")
-        scores = {}
-        if count > 0:
-            for key, correct in self._test_correct.items():
-                scores[key] = (self.trainer.strategy.reduce(correct, reduce_op="sum") / count).item()
-                self.log(f"test/{key}", scores[key], rank_zero_only=True)
+        # compute() sums the counts of every rank (a collective); every rank has prompts of the same kind, so
+        # either all ranks judged some or none did
+        scored = self.test_score.compute() if self.test_score.update_called else {}
+        scores = {key: value.item() for key, value in scored.items()}
+        for key, value in scores.items():
+            self.log(f"test/{key}", value, rank_zero_only=True)
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: on every rank
         if self.trainer.is_global_zero:
             self._write_test_outputs(scores, out_dir)
