@@ -51,7 +51,7 @@ _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[name] for name in _PALETTE_NAMES], dtype=np.float64)  # [K, 3]
 
 
-def _grow(mask: np.ndarray) -> np.ndarray:
+def grow(mask: np.ndarray) -> np.ndarray:
     """Max over each pixel's 3x3 neighbourhood. [H, W] -> [H, W]."""
     padded = np.pad(mask, 1)
     height, width = mask.shape
@@ -64,22 +64,29 @@ def _smooth(values: np.ndarray, axis: int) -> np.ndarray:
     return sum(np.take(padded, range(k, k + values.shape[axis]), axis=axis) for k in range(3)) / 3
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 8-connected component of a boolean mask [H, W] (all False if none), by label propagation."""
-    if not mask.any():
-        return mask
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """8-connected components of a boolean mask [H, W], by label propagation: int64 [H, W], 0 off the mask and
+    one positive label per component (not consecutive)."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
-    while True:
-        grown = np.where(mask, _grow(labels), 0)
+    while mask.any():
+        grown = np.where(mask, grow(labels), 0)
         if np.array_equal(grown, labels):
             break
         labels = grown
+    return labels
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 8-connected component of a boolean mask [H, W] (all False if none)."""
+    if not mask.any():
+        return mask
+    labels = label_components(mask)
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     return labels == counts.argmax()
 
 
-def _nearest_colour(colour: np.ndarray, background: np.ndarray) -> str:
+def nearest_colour(colour: np.ndarray, background: np.ndarray) -> str:
     """Palette name whose segment background -> palette colour passes closest to ``colour`` [3]."""
     directions = _PALETTE - background  # [K, 3]
     along = (directions @ (colour - background)) / (directions**2).sum(1)
@@ -121,12 +128,12 @@ def read_scene(image: torch.Tensor) -> dict[str, str | None]:
 
     strong = component & (distance >= np.median(distance[component]))
     foreground = np.median(pixels[strong], axis=0)  # [3]
-    colour = _nearest_colour(foreground, background)
+    colour = nearest_colour(foreground, background)
 
     direction = foreground - background
     # Not clipped at 1, so that noise inside the shape averages out in the sums below.
     alpha = np.clip((pixels - background) @ direction / (direction @ direction), 0.0, None)
-    alpha = alpha * _grow(component)  # [H, W]
+    alpha = alpha * grow(component)  # [H, W]
     # Centre from the column / row maxima; width and height from maxima after a 3-pixel mean along
     # each column / row, so that noise does not inflate them (the mean would blunt a triangle's apex
     # and shift its centre, hence the two versions).
