@@ -425,8 +425,9 @@ class DiffusionModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("test/grid", grid, self.global_step)
-        table = "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        rank_zero_info(f"prompt-following ({len(images)} prompts): {table or 'no scene attributes'}\n"
+        width = max(map(len, scores), default=0)
+        table = "".join(f"\n  {key:<{width}}  {value:.3f}" for key, value in scores.items())
+        rank_zero_info(f"prompt-following ({len(images)} prompts):{table or ' no scene attributes or tasks'}\n"
                        f"wrote {grid_path} and test_scores.json")
 
     # --------------------------------------------------------------------------------------------- predict
