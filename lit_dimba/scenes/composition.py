@@ -83,7 +83,7 @@ class Request:
             raise ValueError(f"the two things of a {self.task} request differ in shape and colour, got {self.things}")
         counts = range(2, MAX_COUNT + 1) if self.task == "counting" else (1,)
         if self.count not in counts:
-            raise ValueError(f"a {self.task} request counts {counts.start} to {counts.stop - 1}, got {self.count}")
+            raise ValueError(f"a {self.task} request counts {counts[0]} to {counts[-1]}, got {self.count}")
         if (self.relation is not None) != (self.task == "position") or self.relation not in (None, *RELATIONS):
             raise ValueError(f"only position requests have a relation (one of {RELATIONS}), got {self.relation!r}")
 
