@@ -11,11 +11,13 @@ from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes
 class PromptFollowing(Callback):
     """After each validation, generates the data source's held-out test prompts (the first ``num_prompts``) with
     the model's sampling settings (EMA weights when the ``EMA`` callback swaps them in) and logs the share of
-    images right in each attribute: ``val/prompt_following/{colour,shape,position,size,all}``. The prompts are
+    images right in each attribute, ``val/prompt_following/{colour,shape,position,size,all}``, or in the
+    compositional world the share followed per task and their mean, ``val/prompt_following/{single_object,
+    two_object,counting,colors,position,color_attr,overall}`` (only the tasks of the source). The prompts are
     split over ranks and scored by one ``PromptFollowingScore``, which sums the ranks' counts, so every rank logs
     the same value. Monitor one in ``ModelCheckpoint`` (``monitor: val/prompt_following/all``, ``mode: max``) to
-    keep the best checkpoint. Needs prompts with scene attributes (the synthetic source); with others it logs
-    nothing.
+    keep the best checkpoint. Needs prompts with scene attributes or requests (the synthetic source); with others
+    it logs nothing.
 
     Args:
         num_prompts: prompts generated per validation.

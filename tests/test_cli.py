@@ -73,6 +73,22 @@ def test_hybrid_demo_config_trains_and_tests(in_tmp):
     assert json.load(open("logs/tiny/version_1/test_scores.json"))["num_images"] == 4
 
 
+def test_compositional_world_scores_every_task(in_tmp, caplog):
+    """The overlay on the tiny run: TensorBoard gets a score per task after validation, test prints and writes one."""
+    world = ["--config", DEMO, "--config", TINY, "--config", os.path.join(ROOT, "configs", "world", "compositional.yaml"),
+             "--data.init_args.source.init_args.num_test_prompts", "12"]
+    keys = {"single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"}
+    main(["fit", *world])
+    events = EventAccumulator("logs/compositional/version_0").Reload()
+    assert {f"val/prompt_following/{key}" for key in keys} <= set(events.Tags()["scalars"])
+    with caplog.at_level("INFO"):
+        main(["test", *world, "--ckpt_path", "runs/compositional/checkpoints/last.ckpt"])
+    scores = json.load(open("logs/compositional/version_1/test_scores.json"))
+    assert scores["num_images"] == 12 and set(scores["scores"]) == keys
+    table = caplog.text[caplog.text.index("prompt-following (12 prompts):"):]
+    assert all(f"\n  {key}" in table for key in keys)
+
+
 def test_resume_continues_step_and_ema(in_tmp):
     main(["fit", *BASE])
     main(["fit", *BASE, "--trainer.max_steps", "6", "--ckpt_path", "ckpt/last.ckpt"])
@@ -111,6 +127,7 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
                        ("dimba.yaml", "teacher_dit_xl2_512.yaml"),
                        ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
     (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
+    (os.path.join(ROOT, "configs", "world", "compositional.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
     (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))] + [
     (strategy, os.path.join(ROOT, "configs", base)) for strategy in sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))
     for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
