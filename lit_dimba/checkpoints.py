@@ -10,8 +10,8 @@ Weights are read from
 
 An export folder holds ``model.safetensors`` (the backbone's tensors), ``backbone.yaml`` (its
 ``class_path``/``init_args``, ready to paste under ``model.init_args.backbone`` of a config) and ``student.ckpt``
-(a Lightning checkpoint that ``main.py test|predict --ckpt_path`` loads into a ``HybridStudent`` or
-``TeacherDiT`` built from that backbone).
+(a Lightning checkpoint that ``main.py test|predict --ckpt_path`` loads into a ``DiffusionModule`` built from
+that backbone).
 """
 
 import os
