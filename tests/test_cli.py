@@ -145,6 +145,9 @@ def test_distill_overrides_apply(override, base_config, capsys):
         """Every value the override sets is in the merged config (which also holds defaults; keys may be strings)."""
         if isinstance(want, dict):
             for key, value in want.items():
+                if str(key).endswith("+"):  # appended to the base config's list: its last items
+                    check(value, got[key[:-1]][-len(value):], f"{where}.{key}")
+                    continue
                 check(value, got[key] if key in got else got[str(key)], f"{where}.{key}")
         elif isinstance(want, list) and want and isinstance(want[0], dict):
             assert len(got) == len(want), where
