@@ -125,7 +125,8 @@ def printed_config(capsys, *configs) -> dict:
 
 def test_every_config_file_is_tested():
     every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES]))
+    backbones = glob.glob(os.path.join(ROOT, "configs", "backbones", "*.yaml"))  # tests/test_layout.py builds them
+    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES] + backbones))
 
 
 @pytest.mark.parametrize("config", STANDALONE)
@@ -144,6 +145,9 @@ def test_distill_overrides_apply(override, base_config, capsys):
         """Every value the override sets is in the merged config (which also holds defaults; keys may be strings)."""
         if isinstance(want, dict):
             for key, value in want.items():
+                if str(key).endswith("+"):  # appended to the base config's list: its last items
+                    check(value, got[key[:-1]][-len(value):], f"{where}.{key}")
+                    continue
                 check(value, got[key] if key in got else got[str(key)], f"{where}.{key}")
         elif isinstance(want, list) and want and isinstance(want[0], dict):
             assert len(got) == len(want), where
@@ -159,7 +163,7 @@ def test_distill_overrides_apply(override, base_config, capsys):
 
 def test_distill_stages_export_and_student_test(in_tmp):
     """Teacher fit -> stage 1 (forcing) -> stage 2 (KD from stage 1) -> resume -> test -> export -> the exported
-    student tested through HybridStudent's config."""
+    student tested through the hybrid demo's config."""
     main(["fit", *BASE, "--model.init_args.backbone.init_args.depth", "2"])
     main(["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL])
     forcing = torch.load("logs/tiny_distill/forcing/checkpoints/last.ckpt", weights_only=True)
@@ -233,23 +237,40 @@ def test_yaml_syntax_error_names_the_config_file(tmp_path):
                           "expected ',' or ']' (while parsing a flow sequence from line 3, column 22)")
 
 
+OTHER_MODULE = '''
+from lit_dimba.modules import DiffusionModule
+
+
+class Other(DiffusionModule):
+    """Another model class."""
+'''
+
+
 def test_checkpoint_of_another_model_class(in_tmp):
     """LightningCLI builds the class a checkpoint was written by (from its saved hyperparameters) with the config's
-    arguments: a HybridStudent checkpoint tested with the TeacherDiT config is refused, naming both classes."""
-    hybrid = ["--model.class_path", "lit_dimba.modules.HybridStudent",
-              "--model.init_args.backbone.init_args.layout", "[mamba_w]"]
+    arguments: a checkpoint of another class tested with the DiffusionModule config is refused, naming both classes.
+    Checkpoints written as lit_dimba.modules.TeacherDiT / HybridStudent (before issue 15) load as DiffusionModule."""
+    (in_tmp / "other.py").write_text(OTHER_MODULE)
+    hybrid = ["--model.init_args.backbone.init_args.layout", "[mamba_w]"]
     main(["fit", *BASE, *hybrid, "--trainer.max_steps", "2", "--trainer.callbacks",
           "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]"])
-    assert_one_line_error(run_cli(in_tmp, "test", *BASE, "--ckpt_path", "ckpt/last.ckpt"),
-                          "--ckpt_path 'ckpt/last.ckpt' was written by lit_dimba.modules.HybridStudent but the config "
-                          "builds lit_dimba.modules.TeacherDiT", "use the config the checkpoint was trained with")
+    checkpoint = torch.load("ckpt/last.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "other.Other"
+    torch.save(checkpoint, "other.ckpt")
+    checkpoint["hyper_parameters"]["_class_path"] = "lit_dimba.modules.HybridStudent"
+    torch.save(checkpoint, "hybrid.ckpt")
+    pythonpath = os.pathsep.join([ROOT, str(in_tmp)])
+    assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "other.ckpt", pythonpath=pythonpath),
+                          "--ckpt_path 'other.ckpt' was written by other.Other but the config "
+                          "builds lit_dimba.modules.DiffusionModule", "use the config the checkpoint was trained with")
     assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt",
                                   "--model.init_args.backbone.init_args.layout", "[mamba_w, mamba_w]",
                                   "--model.init_args.backbone.init_args.depth", "2"),
                           "the checkpoint does not fit this model")
+    main(["test", *BASE, *hybrid, "--ckpt_path", "hybrid.ckpt", "--trainer.callbacks", "[]"])  # an old class name
     main(["test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt", "--model.class_path",
-          "lit_dimba.modules.student.HybridStudent", "--trainer.callbacks", "[]"])  # the same class by another path
-    assert len(glob.glob("logs/tiny/version_*/test_scores.json")) == 1
+          "lit_dimba.modules.diffusion.DiffusionModule", "--trainer.callbacks", "[]"])  # the same class by another path
+    assert len(glob.glob("logs/tiny/version_*/test_scores.json")) == 2
 
 
 STOPPER = '''
