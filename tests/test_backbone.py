@@ -1,4 +1,3 @@
-import json
 import math
 import os
 
@@ -10,7 +9,7 @@ import yaml
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.backbone import Backbone, Block, MambaConfig, MambaLayer, expand_layout
 from lit_dimba.models.embeddings import sincos_2d
-from tests.conftest import BACKBONES, ROOT, tiny_backbone
+from tests.conftest import BACKBONES, tiny_backbone
 
 
 def reference_pe(dim, height, width, base_size, interpolation):

@@ -203,6 +203,22 @@ def run_cli(tmp_path, *args, pythonpath: str = ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_main(folder, monkeypatch, capsys, *args):
+    """``main(args)`` in this process, in ``folder``, as ``run_cli`` would run it (without a process start): returns
+    its exit code and stderr, where ``sys.exit(message)`` would have printed the message. Any other exception (a
+    traceback in a process) fails the test."""
+    monkeypatch.chdir(folder)
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    stderr = capsys.readouterr().err
+    if isinstance(code, str):
+        stderr, code = stderr + code + "\n", 1
+    return subprocess.CompletedProcess(args, code, "", stderr)
+
+
 def assert_one_line_error(result, *expected):
     """The run failed without a traceback, and the last line of stderr is ``error: ...`` holding each ``expected``."""
     assert result.returncode != 0
@@ -224,15 +240,21 @@ def assert_one_line_error(result, *expected):
      "backbone.layout lists 2 blocks but backbone.depth is 1; list 1 mixers or set depth: 2"),
     (["fit", *BASE, "--trainer.max_steps", "-5"], "trainer.max_steps: `max_steps` must be a non-negative integer"),
 ])
-def test_bad_input_gives_one_line_error(tmp_path, args, expected):
+def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, expected):
     os.makedirs(tmp_path / "ckpt")
     open(tmp_path / "ckpt" / "last.ckpt", "w").close()  # the distillation configs' teacher path exists
-    assert_one_line_error(run_cli(tmp_path, *args), expected)
+    assert_one_line_error(run_main(tmp_path, monkeypatch, capsys, *args), expected)
 
 
-def test_yaml_syntax_error_names_the_config_file(tmp_path):
+def test_bad_input_in_a_process_gives_one_line_error(tmp_path):
+    """The same check through a real process once: what a user sees, no traceback, the exit code."""
+    assert_one_line_error(run_cli(tmp_path, "fit", *BASE, "--data.init_args.resolution", "18"),
+                          "data.resolution=18 is not divisible by 4")
+
+
+def test_yaml_syntax_error_names_the_config_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "broken.yaml").write_text("model:\n  init_args:\n    caption_dropout: [0.1\n")
-    result = run_cli(tmp_path, "fit", *BASE, "--config", "broken.yaml")
+    result = run_main(tmp_path, monkeypatch, capsys, "fit", *BASE, "--config", "broken.yaml")
     assert_one_line_error(result, "config file 'broken.yaml' is not valid YAML: line 4, column 1: did not find "
                           "expected ',' or ']' (while parsing a flow sequence from line 3, column 22)")
 

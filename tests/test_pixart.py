@@ -350,7 +350,8 @@ def test_exported_teacher_imports_back_identical(name, tmp_path):
 @pytest.mark.parametrize("overrides, options, message", [
     (dict(layout=["attn", "mamba_h", "mamba_w"], depth=3, mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)),
      [], r"2 of its 3 blocks are Mamba \(mamba_h, mamba_w; .*layout 'dit'\)"),
-    (dict(layout="dimba", mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)), ["--sample_size", "8"],
+    (dict(after_each_block=["mamba_layer"], mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)),
+     ["--sample_size", "8"],
      r"2 of its 4 blocks are Mamba \(mamba_layer;"),
     (dict(mlp_ratio=2.0, pe_mode="centred"), [], r"mlp_ratio 2.0 .*; pe_mode 'centred' .*; base_size null .*: pass "
                                                  r"--sample_size"),
