@@ -13,13 +13,12 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import CaptionImageDataModule
 from lit_dimba.conditioning.frozen import looks_local
 from lit_dimba.errors import ConfigError, TrainingStopped
-from lit_dimba.modules import DiffusionModule
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 # Options that name files or folders, and what belongs there. ``pretrained`` may also be a hub id.
@@ -169,7 +168,9 @@ def config_error_in(error: BaseException | None) -> ConfigError | None:
 def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     try:
-        DimbaCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        # Any LightningModule by class_path (DiffusionModule, DistillModule): with the base class of subclass mode as the
+        # class_path itself, LightningCLI's merge of a --ckpt_path's hyperparameters drops the config's init_args.
+        DimbaCLI(LightningModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args)
     except TrainingStopped as error:
         sys.exit(f"error: {error}")

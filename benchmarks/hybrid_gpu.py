@@ -50,8 +50,8 @@ from lit_dimba.conditioning import LatentVAE, TinyT5TextEncoder
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.models.backbone import Backbone, MambaConfig
 from lit_dimba.models.mamba import Mamba2, Scan2D
-from lit_dimba.modules import DistillModule, HybridStudent, Sampling, TeacherDiT
-from shared import TINY_F8_VAE, table  # benchmarks/shared.py, beside this script
+from lit_dimba.modules import DiffusionModule, DistillModule, Sampling
+from shared import TINY_F8_VAE, backbone_file, table  # benchmarks/shared.py, beside this script
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the issue's yardstick
 # target DiT time / t2md time per step (issue [1/7]); at 512^2 and 1024^2 a floor of the ratio too
@@ -111,13 +111,15 @@ def median_ms(fn, device: str, iters: int, warmup: int = 2) -> float:
 
 
 def build(preset: str, tiny: bool, **overrides) -> Backbone:
+    """The backbone of ``configs/backbones/`` named ``preset`` (e.g. "dit-xl/2", "t2md"); with ``tiny``, 3 blocks of
+    width 64 (attention, HM, WM for the hybrids)."""
     if tiny:
         small = dict(depth=3, hidden_size=64, num_heads=2, caption_channels=32, token_num=16)
         if preset != "dit-xl/2":
             small["mamba"] = MambaConfig(d_state=16, headdim=16, chunk_size=32)
             small["layout"] = ["attn", "mamba_h", "mamba_w"]
         overrides = {**small, **overrides}
-    return Backbone.from_preset(preset, **overrides)
+    return Backbone.from_file(backbone_file(preset), **overrides)
 
 
 def size_of(text: str) -> tuple[int, int]:
@@ -293,7 +295,7 @@ def latency(args) -> str:
                 rows.append([preset, mode, label, tokens, f"{ms:.2f}"])
                 if device == "cuda":
                     torch.cuda.empty_cache()
-        del model
+        model = None  # freed before the next backbone is built (the timed closures above are done with it)
     out = table(["backbone", "mode", "image", "tokens", "ms / step (median)"], rows)
     if len(args.presets) >= 2:
         dit, hybrid = args.presets[:2]
@@ -327,10 +329,9 @@ def adamw(params):
 
 
 def diffusion_module(preset: str, tiny: bool, **backbone_overrides):
-    """A TeacherDiT (dit-xl/2) or HybridStudent with the stand-in encoders."""
+    """A DiffusionModule with backbone ``preset`` and the stand-in encoders."""
     backbone = build(preset, tiny, **backbone_overrides)
-    cls = TeacherDiT if preset == "dit-xl/2" else HybridStudent
-    return cls(backbone, *stand_ins(backbone, tiny), optimizer=adamw)
+    return DiffusionModule(backbone, *stand_ins(backbone, tiny), optimizer=adamw)
 
 
 def sample(args) -> str:
@@ -362,7 +363,7 @@ def sample(args) -> str:
                 record("sample", {"preset": preset, "size": text, "cuda_graph": cuda_graph, "ms_per_step": ms})
                 print(f"sample {preset} {text} cuda_graph={cuda_graph}: {ms:.2f} ms/step", flush=True)
                 rows.append([preset, text, "yes" if cuda_graph else "no", f"{ms:.2f}"])
-        del module
+        module = None  # freed before the next backbone is built
         if device == "cuda":
             torch.cuda.empty_cache()
     return table(["backbone", "image", "CUDA graph", "ms per CFG step (batch 1 -> 2 forwards in one)"], rows)

@@ -31,7 +31,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_dimba.checkpoints import ema_state
-from shared import TINY_F8_VAE, table  # benchmarks/shared.py, beside this script
+from shared import TINY_F8_VAE, backbone_arguments, table  # benchmarks/shared.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml")
@@ -88,17 +88,15 @@ def speed(args) -> str:
     tiny = args.tiny
     backbone = {"depth": 2, "hidden_size": 64, "num_heads": 2, "caption_channels": 32, "token_num": 8,
                 "base_size": 4} if tiny else {}
-    layouts = {"dit-xl/2": ("lit_dimba.modules.TeacherDiT", {"layout": "dit"}),
-               "t2md": ("lit_dimba.modules.HybridStudent", {"layout": "t2md" if not tiny else ["attn", "mamba_h"],
-                                                           "mamba": {"d_state": 16 if tiny else 256, "headdim": 16 if tiny else 64,
-                                                                     "chunk_size": 16 if tiny else 256}})}
+    tiny_layouts = {"dit-xl/2": {}, "t2md": {"layout": ["attn", "mamba_h"],
+                                             "mamba": {"d_state": 16, "headdim": 16, "chunk_size": 16}}}
     resolution = 64 if tiny else 512
     text = {"class_path": "lit_dimba.conditioning.TinyT5TextEncoder",
             "init_args": {"d_model": 32 if tiny else 4096, "num_layers": 1, "num_heads": 2 if tiny else 32,
                           "d_ff": 64 if tiny else 256, "max_length": 8 if tiny else 120}}
     rows, results = [], {}
     for name in args.backbones:
-        module, layout = layouts[name]
+        arguments = {**backbone_arguments(name), **backbone, **(tiny_layouts[name] if tiny else {})}
         multi = [(args.gpus, "ddp" if name == "ddp" else FSDP) for name in args.strategies]
         for devices, strategy in [(1, "auto"), *multi]:
             label = "fsdp" if strategy is FSDP else strategy
@@ -108,9 +106,9 @@ def speed(args) -> str:
                                    precision="32-true" if args.device == "cpu" else "bf16-mixed",
                                    callbacks=[{"class_path": "callbacks.Throughput", "init_args": {
                                        "warmup_steps": args.warmup, "output": "speed.json"}}]),
-                "model": {"class_path": module, "init_args": {
+                "model": {"class_path": "lit_dimba.modules.DiffusionModule", "init_args": {
                     "backbone": {"class_path": "lit_dimba.models.Backbone",
-                                 "init_args": {**backbone, **layout, "gradient_checkpointing": True}},
+                                 "init_args": {**arguments, "gradient_checkpointing": True}},
                     "text_encoder": text,
                     "vae": {"class_path": "lit_dimba.conditioning.LatentVAE",
                             "init_args": {"pretrained": None, "config": TINY_F8_VAE}}}},

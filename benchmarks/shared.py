@@ -1,4 +1,23 @@
-"""What the benchmark scripts share: the stand-in VAE and the markdown tables they print."""
+"""What the benchmark scripts share: the backbones by name, the stand-in VAE and the markdown tables they print."""
+
+import os
+
+import yaml
+
+BACKBONES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "backbones")
+
+
+def backbone_file(name: str) -> str:
+    """The config file of a backbone named as in the tables: "dit-xl/2" -> configs/backbones/dit_xl2.yaml, "t2md",
+    "dimba-l/2", "mamba-xl/2"."""
+    return os.path.join(BACKBONES, name.replace("/", "").replace("-", "_") + ".yaml")
+
+
+def backbone_arguments(name: str) -> dict:
+    """The ``Backbone`` arguments (``init_args``) of ``backbone_file(name)``."""
+    with open(backbone_file(name)) as f:
+        return yaml.safe_load(f)["init_args"]
+
 
 # An f8 AutoencoderKL with a handful of channels: latents of the right shape at almost no cost.
 TINY_F8_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,

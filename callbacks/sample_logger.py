@@ -1,7 +1,6 @@
 """Logs a grid of generated images for fixed prompts to TensorBoard every N training steps."""
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid
 

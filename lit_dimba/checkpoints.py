@@ -10,9 +10,9 @@ Weights are read from
 
 An export folder holds ``model.safetensors`` (the backbone's tensors), ``backbone.yaml`` (its
 ``class_path``/``init_args``, ready to paste under ``model.init_args.backbone`` of a config) and ``student.ckpt``
-(a Lightning checkpoint that ``main.py test|predict --ckpt_path`` loads into a ``HybridStudent`` or
-``TeacherDiT`` built from that backbone). An all-attention backbone can also be written as a diffusers
-``PixArtTransformer2DModel`` folder (``lit_dimba.convert.pixart.write_diffusers``).
+(a Lightning checkpoint that ``main.py test|predict --ckpt_path`` loads into a ``DiffusionModule`` built from
+that backbone). An all-attention backbone can also be written as a diffusers ``PixArtTransformer2DModel`` folder
+(``lit_dimba.convert.pixart.write_diffusers``).
 """
 
 import os

@@ -72,3 +72,17 @@ def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = Tr
         assert result.returncode == 0, result.stderr[-4000:]
         assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
     return result
+
+
+BACKBONES = os.path.join(ROOT, "configs", "backbones")
+# Test size for the backbones of configs/backbones/ (what they were at 2 blocks of width 64 before): 4-channel
+# latents, a 32-channel text encoder with 16 tokens, small Mamba-2 mixers, the default PE, no recomputation.
+TINY_BACKBONE = dict(depth=2, hidden_size=64, num_heads=2, caption_channels=32, token_num=16, base_size=None,
+                     gradient_checkpointing=False, mamba=dict(d_state=16, headdim=16, chunk_size=16))
+
+
+def tiny_backbone(name: str, **overrides):
+    """The layout of ``configs/backbones/<name>.yaml`` at test size (``TINY_BACKBONE``), with keyword overrides."""
+    from lit_dimba.models.backbone import Backbone
+
+    return Backbone.from_file(os.path.join(BACKBONES, f"{name}.yaml"), **{**TINY_BACKBONE, **overrides})

@@ -1,12 +1,15 @@
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from lit_dimba.models.backbone import Backbone, MambaConfig, expand_layout
+from lit_dimba.errors import ConfigError
+from lit_dimba.models.backbone import Backbone, Block, MambaConfig, MambaLayer, expand_layout
 from lit_dimba.models.embeddings import sincos_2d
+from tests.conftest import BACKBONES, tiny_backbone
 
 
 def reference_pe(dim, height, width, base_size, interpolation):
@@ -38,7 +41,7 @@ def test_pe_interpolation_spans_same_range():
 
 def tiny(**kw):
     torch.manual_seed(0)
-    return Backbone.from_preset("dit-tiny", **kw)
+    return tiny_backbone("dit_xl2", **kw)
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (8, 12), (12, 4)])
@@ -49,7 +52,7 @@ def test_forward_shapes(hw):
     out = model(x, torch.tensor([0, 999]), y, mask)
     assert out.shape == (2, 8, *hw)
     assert model.blocks[0].mixer.__class__.__name__ == "SelfAttention"
-    assert Backbone.from_preset("dit-tiny", learn_sigma=False)(x, torch.tensor([3, 4]), y, mask).shape == (2, 4, *hw)
+    assert tiny_backbone("dit_xl2", learn_sigma=False)(x, torch.tensor([3, 4]), y, mask).shape == (2, 4, *hw)
 
 
 def test_bad_input_is_refused_clearly():
@@ -62,8 +65,12 @@ def test_bad_input_is_refused_clearly():
         expand_layout("resnet", 4)
     with pytest.raises(ValueError, match="unknown mixer kinds"):
         expand_layout(["attn", "conv"], 2)
-    with pytest.raises(ValueError, match="unknown backbone preset"):
-        Backbone.from_preset("dit-xxl")
+    with pytest.raises(ConfigError, match=r"\['mamba_layer'\] are blocks, not mixers: list them in after_each_block"):
+        expand_layout(["attn", "mamba_layer"], 2)
+    with pytest.raises(ConfigError, match="unknown block kinds \\['conv'\\] in after_each_block"):
+        tiny_backbone("dit_xl2", after_each_block=["conv"])
+    with pytest.raises(FileNotFoundError):
+        tiny_backbone("dit-xxl")
 
 
 def test_text_conditioning_and_null_caption():
@@ -102,26 +109,29 @@ def test_gradient_checkpointing_matches():
 def test_dit_xl2_size():
     """PixArt-alpha XL/2 has about 0.61B parameters."""
     with torch.device("meta"):
-        model = Backbone.from_preset("dit-xl/2")
+        model = Backbone.from_file(os.path.join(BACKBONES, "dit_xl2.yaml"))
     count = sum(p.numel() for p in model.parameters())
-    print(f"dit-xl/2 parameters: {count:,}")
     assert math.isclose(count, 610_856_096, rel_tol=1e-3)
     assert len(model.blocks) == 28 and model.out_channels == 8
 
 
 def test_hybrid_layouts():
-    assert expand_layout("dimba", 2, dimba_ratio=2) == ["attn", "mamba_layer", "mamba_layer"] * 2
+    """Block kinds and mixer kinds are separate data: ``depth`` PixArt blocks with the layout's mixers, each followed
+    by the ``after_each_block`` blocks (Dimba 1:2 here)."""
+    dimba = tiny_backbone("dimba_l2", after_each_block=["mamba_layer", "mamba_layer"])
+    assert [type(block) for block in dimba.blocks] == [Block, MambaLayer, MambaLayer] * 2
+    assert dimba.mixers == ["attn", "attn"] and dimba.depth == 2
     t2md = expand_layout("t2md", 28)
     assert [i for i, kind in enumerate(t2md) if kind == "attn"] == [0, 7, 14, 21]
     assert t2md[1:7] == ["mamba_h", "mamba_w"] * 3 and t2md.count("mamba_h") == t2md.count("mamba_w") == 12
     assert set(expand_layout("mamba", 4)) == {"mamba_h", "mamba_w"}
 
 
-@pytest.mark.parametrize("preset", ["dimba-tiny", "t2md-tiny", "mamba-tiny"])
+@pytest.mark.parametrize("name,depth", [("dimba_l2", 2), ("t2md", 7), ("mamba_xl2", 2)])
 @pytest.mark.parametrize("hw", [(8, 8), (8, 12)])
-def test_hybrid_forward_backward(preset, hw):
+def test_hybrid_forward_backward(name, depth, hw):
     torch.manual_seed(0)
-    model = Backbone.from_preset(preset)
+    model = tiny_backbone(name, depth=depth)
     out = model(torch.randn(2, 4, *hw), torch.tensor([5, 900]), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
     assert out.shape == (2, 8, *hw)
     out.square().mean().backward()
@@ -130,7 +140,7 @@ def test_hybrid_forward_backward(preset, hw):
 
 
 def test_mamba_init_survives_the_transformer_init():
-    model = Backbone.from_preset("t2md-tiny")
+    model = tiny_backbone("t2md", depth=7)
     for name, module in model.named_modules():
         if name.endswith(".mamba"):
             dt = torch.nn.functional.softplus(module.dt_bias)
@@ -142,8 +152,8 @@ def test_mamba_init_survives_the_transformer_init():
 
 def test_hybrid_shares_names_with_the_teacher():
     """Everything outside the token mixers has the same name and shape in DiT and T2MD (weight copy by name)."""
-    teacher = Backbone.from_preset("dit-tiny", depth=7).state_dict()
-    student = Backbone.from_preset("t2md-tiny").state_dict()
+    teacher = tiny_backbone("dit_xl2", depth=7).state_dict()
+    student = tiny_backbone("t2md", depth=7).state_dict()
     outside = {k: v.shape for k, v in student.items() if ".mixer." not in k}
     assert outside and all(teacher[k].shape == shape for k, shape in outside.items())
     assert all(k in student for k in teacher if ".mixer." not in k)
@@ -152,35 +162,17 @@ def test_hybrid_shares_names_with_the_teacher():
 
 
 def test_unidirectional_ablation_and_param_counts():
-    uni = Backbone.from_preset("t2md-tiny", mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16, bidirectional=False))
+    uni = tiny_backbone("t2md", depth=7, mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16, bidirectional=False))
     assert not any(".fuse." in k for k in uni.state_dict())
     with torch.device("meta"):
-        counts = {name: sum(p.numel() for p in Backbone.from_preset(name).parameters())
-                  for name in ("t2md", "dimba-l/2", "mamba-xl/2")}
-    print("parameters:", {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+        counts = {name: sum(p.numel() for p in Backbone.from_file(os.path.join(BACKBONES, f"{name}.yaml")).parameters())
+                  for name in ("t2md", "dimba_l2", "mamba_xl2")}
     assert 0.7e9 < counts["t2md"] < 0.8e9
 
 
-def test_modules_check_their_layout():
-    from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
-    from lit_dimba.errors import ConfigError
-    from lit_dimba.modules import HybridStudent, TeacherDiT
-
-    text = TinyT5TextEncoder(d_model=32, max_length=16)
-    kw = dict(in_channels=3)
-    with pytest.raises(ConfigError, match="all-attention"):
-        TeacherDiT(Backbone.from_preset("t2md-tiny", **kw), text, PixelSpace())
-    with pytest.raises(ConfigError, match="Mamba mixers"):
-        HybridStudent(Backbone.from_preset("dit-tiny", **kw), text, PixelSpace())
-    student = HybridStudent(Backbone.from_preset("t2md-tiny", **kw), text, PixelSpace())
-    groups = student.configure_optimizers().param_groups
-    no_decay = {id(p) for p in groups[1]["params"]}
-    assert groups[1]["weight_decay"] == 0.0 and id(student.model.blocks[1].mixer.mamba.A_log) in no_decay
-
-
-@pytest.mark.parametrize("preset", ["dit-tiny", "dimba-tiny", "t2md-tiny"])
-def test_config_rebuilds_the_same_network(preset):
-    model = Backbone.from_preset(preset, mamba=MambaConfig(d_state=8, headdim=16, bidirectional=False))
+@pytest.mark.parametrize("name", ["dit_xl2", "dimba_l2", "t2md"])
+def test_config_rebuilds_the_same_network(name):
+    model = tiny_backbone(name, mamba=MambaConfig(d_state=8, headdim=16, bidirectional=False))
     model.pe_interpolation = 2.0  # as a resolution callback would
     again = Backbone.from_config(yaml.safe_load(yaml.safe_dump(model.config)))  # through YAML, as exported
     assert again.layout == model.layout and again.pe_interpolation == 2.0

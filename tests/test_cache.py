@@ -18,7 +18,7 @@ from lit_dimba.conditioning import LatentVAE, PixelSpace, TinyT5TextEncoder
 from lit_dimba.diffusion import GaussianDiffusion
 from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
-from lit_dimba.modules import TeacherDiT
+from lit_dimba.modules import DiffusionModule
 from main import main
 from tests.conftest import DEMO, ROOT, TINY
 from tests.test_conditioning import TINY_VAE_CONFIG
@@ -26,7 +26,7 @@ from tests.test_conditioning import TINY_VAE_CONFIG
 RESOLUTION = 16
 
 
-def make_module(latent: bool, sample_posterior: bool = False, text_seed: int = 0) -> TeacherDiT:
+def make_module(latent: bool, sample_posterior: bool = False, text_seed: int = 0) -> DiffusionModule:
     """A tiny module on a random tiny KL VAE (latent) or on pixels, with random (not zero) output layers."""
     torch.manual_seed(0)
     vae = LatentVAE(pretrained=None, config=TINY_VAE_CONFIG, sample_posterior=sample_posterior) if latent \
@@ -34,7 +34,7 @@ def make_module(latent: bool, sample_posterior: bool = False, text_seed: int = 0
     backbone = Backbone(depth=1, hidden_size=32, num_heads=2, patch_size=2 if latent else 4,
                         in_channels=vae.latent_channels, learn_sigma=False, caption_channels=32, token_num=24,
                         base_size=4)
-    module = TeacherDiT(backbone, TinyT5TextEncoder(d_model=32, max_length=24, seed=text_seed), vae,
+    module = DiffusionModule(backbone, TinyT5TextEncoder(d_model=32, max_length=24, seed=text_seed), vae,
                         GaussianDiffusion(prediction_type="v_prediction"), caption_dropout=0.0)
     with torch.no_grad():  # zero-initialised output layers would hide the input from the loss
         for p in module.model.parameters():

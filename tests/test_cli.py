@@ -142,7 +142,8 @@ def printed_config(capsys, *configs) -> dict:
 
 def test_every_config_file_is_tested():
     every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES]))
+    backbones = glob.glob(os.path.join(ROOT, "configs", "backbones", "*.yaml"))  # tests/test_layout.py builds them
+    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES] + backbones))
 
 
 @pytest.mark.parametrize("config", STANDALONE)
@@ -161,6 +162,9 @@ def test_distill_overrides_apply(override, base_config, capsys):
         """Every value the override sets is in the merged config (which also holds defaults; keys may be strings)."""
         if isinstance(want, dict):
             for key, value in want.items():
+                if str(key).endswith("+"):  # appended to the base config's list: its last items
+                    check(value, got[key[:-1]][-len(value):], f"{where}.{key}")
+                    continue
                 check(value, got[key] if key in got else got[str(key)], f"{where}.{key}")
         elif isinstance(want, list) and want and isinstance(want[0], dict):
             assert len(got) == len(want), where
@@ -176,7 +180,7 @@ def test_distill_overrides_apply(override, base_config, capsys):
 
 def test_distill_stages_export_and_student_test(in_tmp):
     """Teacher fit -> stage 1 (forcing) -> stage 2 (KD from stage 1) -> resume -> test -> export -> the exported
-    student tested through HybridStudent's config."""
+    student tested through the hybrid demo's config."""
     main(["fit", *BASE, "--model.init_args.backbone.init_args.depth", "2"])
     main(["fit", "--config", DISTILL, "--config", FORCING, "--config", TINY_DISTILL])
     forcing = torch.load("logs/tiny_distill/forcing/checkpoints/last.ckpt", weights_only=True)
@@ -216,6 +220,22 @@ def run_cli(tmp_path, *args, pythonpath: str = ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_main(folder, monkeypatch, capsys, *args):
+    """``main(args)`` in this process, in ``folder``, as ``run_cli`` would run it (without a process start): returns
+    its exit code and stderr, where ``sys.exit(message)`` would have printed the message. Any other exception (a
+    traceback in a process) fails the test."""
+    monkeypatch.chdir(folder)
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    stderr = capsys.readouterr().err
+    if isinstance(code, str):
+        stderr, code = stderr + code + "\n", 1
+    return subprocess.CompletedProcess(args, code, "", stderr)
+
+
 def assert_one_line_error(result, *expected):
     """The run failed without a traceback, and the last line of stderr is ``error: ...`` holding each ``expected``."""
     assert result.returncode != 0
@@ -237,36 +257,59 @@ def assert_one_line_error(result, *expected):
      "backbone.layout lists 2 blocks but backbone.depth is 1; list 1 mixers or set depth: 2"),
     (["fit", *BASE, "--trainer.max_steps", "-5"], "trainer.max_steps: `max_steps` must be a non-negative integer"),
 ])
-def test_bad_input_gives_one_line_error(tmp_path, args, expected):
+def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, expected):
     os.makedirs(tmp_path / "ckpt")
     open(tmp_path / "ckpt" / "last.ckpt", "w").close()  # the distillation configs' teacher path exists
-    assert_one_line_error(run_cli(tmp_path, *args), expected)
+    assert_one_line_error(run_main(tmp_path, monkeypatch, capsys, *args), expected)
 
 
-def test_yaml_syntax_error_names_the_config_file(tmp_path):
+def test_bad_input_in_a_process_gives_one_line_error(tmp_path):
+    """The same check through a real process once: what a user sees, no traceback, the exit code."""
+    assert_one_line_error(run_cli(tmp_path, "fit", *BASE, "--data.init_args.resolution", "18"),
+                          "data.resolution=18 is not divisible by 4")
+
+
+def test_yaml_syntax_error_names_the_config_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "broken.yaml").write_text("model:\n  init_args:\n    caption_dropout: [0.1\n")
-    result = run_cli(tmp_path, "fit", *BASE, "--config", "broken.yaml")
+    result = run_main(tmp_path, monkeypatch, capsys, "fit", *BASE, "--config", "broken.yaml")
     assert_one_line_error(result, "config file 'broken.yaml' is not valid YAML: line 4, column 1: did not find "
                           "expected ',' or ']' (while parsing a flow sequence from line 3, column 22)")
 
 
+OTHER_MODULE = '''
+from lit_dimba.modules import DiffusionModule
+
+
+class Other(DiffusionModule):
+    """Another model class."""
+'''
+
+
 def test_checkpoint_of_another_model_class(in_tmp):
     """LightningCLI builds the class a checkpoint was written by (from its saved hyperparameters) with the config's
-    arguments: a HybridStudent checkpoint tested with the TeacherDiT config is refused, naming both classes."""
-    hybrid = ["--model.class_path", "lit_dimba.modules.HybridStudent",
-              "--model.init_args.backbone.init_args.layout", "[mamba_w]"]
+    arguments: a checkpoint of another class tested with the DiffusionModule config is refused, naming both classes.
+    Checkpoints written as lit_dimba.modules.TeacherDiT / HybridStudent (before issue 15) load as DiffusionModule."""
+    (in_tmp / "other.py").write_text(OTHER_MODULE)
+    hybrid = ["--model.init_args.backbone.init_args.layout", "[mamba_w]"]
     main(["fit", *BASE, *hybrid, "--trainer.max_steps", "2", "--trainer.callbacks",
           "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]"])
-    assert_one_line_error(run_cli(in_tmp, "test", *BASE, "--ckpt_path", "ckpt/last.ckpt"),
-                          "--ckpt_path 'ckpt/last.ckpt' was written by lit_dimba.modules.HybridStudent but the config "
-                          "builds lit_dimba.modules.TeacherDiT", "use the config the checkpoint was trained with")
+    checkpoint = torch.load("ckpt/last.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "other.Other"
+    torch.save(checkpoint, "other.ckpt")
+    checkpoint["hyper_parameters"]["_class_path"] = "lit_dimba.modules.HybridStudent"
+    torch.save(checkpoint, "hybrid.ckpt")
+    pythonpath = os.pathsep.join([ROOT, str(in_tmp)])
+    assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "other.ckpt", pythonpath=pythonpath),
+                          "--ckpt_path 'other.ckpt' was written by other.Other but the config "
+                          "builds lit_dimba.modules.DiffusionModule", "use the config the checkpoint was trained with")
     assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt",
                                   "--model.init_args.backbone.init_args.layout", "[mamba_w, mamba_w]",
                                   "--model.init_args.backbone.init_args.depth", "2"),
                           "the checkpoint does not fit this model")
+    main(["test", *BASE, *hybrid, "--ckpt_path", "hybrid.ckpt", "--trainer.callbacks", "[]"])  # an old class name
     main(["test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt", "--model.class_path",
-          "lit_dimba.modules.student.HybridStudent", "--trainer.callbacks", "[]"])  # the same class by another path
-    assert len(glob.glob("logs/tiny/version_*/test_scores.json")) == 1
+          "lit_dimba.modules.diffusion.DiffusionModule", "--trainer.callbacks", "[]"])  # the same class by another path
+    assert len(glob.glob("logs/tiny/version_*/test_scores.json")) == 2
 
 
 STOPPER = '''

@@ -9,7 +9,7 @@ import torch._inductor.config
 from lit_dimba.models.backbone import Backbone
 from lit_dimba.modules.diffusion import compile_options, compile_problem
 from main import main
-from tests.conftest import DEMO, TINY
+from tests.conftest import DEMO, TINY, tiny_backbone
 
 
 def randomised(backbone: Backbone) -> Backbone:
@@ -24,8 +24,8 @@ def randomised(backbone: Backbone) -> Backbone:
 def test_compiled_hybrid_equals_eager():
     """Inductor on a CPU, PyTorch Mamba-2 kernel: outputs and gradients of an attention and a Mamba block."""
     torch.manual_seed(0)
-    eager = randomised(Backbone.from_preset("t2md-tiny", layout=["attn", "mamba_h"], depth=2))
-    compiled = randomised(Backbone.from_preset("t2md-tiny", layout=["attn", "mamba_h"], depth=2))
+    eager = randomised(tiny_backbone("t2md", layout=["attn", "mamba_h"]))
+    compiled = randomised(tiny_backbone("t2md", layout=["attn", "mamba_h"]))
     compiled.compile_blocks()
     x, t = torch.randn(2, 4, 8, 12), torch.tensor([3, 700])
     y, mask = torch.randn(2, 16, 32), torch.arange(16).expand(2, 16) < torch.tensor([[9], [16]])
@@ -46,7 +46,7 @@ def test_compiled_hybrid_equals_eager():
 def test_compile_option_through_fit_test_predict(in_tmp):
     """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no
     code, so the test stays quick) and every stage runs through them."""
-    hybrid = ["--config", DEMO, "--config", TINY, "--model.class_path", "lit_dimba.modules.HybridStudent",
+    hybrid = ["--config", DEMO, "--config", TINY, "--model.class_path", "lit_dimba.modules.DiffusionModule",
               "--model.init_args.backbone.init_args.layout", "[mamba_w]",
               "--model.init_args.compile", "{backend: aot_eager}", "--trainer.max_steps", "2"]
     torch._dynamo.reset()

@@ -121,7 +121,7 @@ def test_stages_switch_at_their_step_and_resume_inside_a_stage(in_tmp):
 def test_curriculum_configs_run_at_tiny_scale(in_tmp, name):
     """Each curriculum config's stages, scaled to 2 steps each on the tiny model (resolutions 16, 24, 32 in the
     order of the config's, mixes kept), switch and shape batches as scheduled."""
-    callbacks = yaml.safe_load(open(os.path.join(ROOT, "configs", "curriculum", name)))["trainer"]["callbacks"]
+    callbacks = yaml.safe_load(open(os.path.join(ROOT, "configs", "curriculum", name)))["trainer"]["callbacks+"]
     curriculum = next(c for c in callbacks if c["class_path"] == "callbacks.ResolutionCurriculum")["init_args"]
     base = next(c for c in callbacks if c["class_path"] == "callbacks.PEInterpolation")["init_args"]["base_resolution"]
     sizes = sorted({int(r) for stage in curriculum["stages"] for r in stage["resolutions"]} | {base})

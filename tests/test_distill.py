@@ -11,7 +11,7 @@ from lit_dimba.diffusion import GaussianDiffusion
 from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
 from lit_dimba.models.backbone import MambaConfig
-from lit_dimba.modules import DistillModule, HybridStudent
+from lit_dimba.modules import DiffusionModule, DistillModule
 from tests.test_module import fixed_batch
 
 SIZE = dict(depth=3, hidden_size=32, num_heads=2, patch_size=4, in_channels=3, learn_sigma=False, caption_channels=32, token_num=24,
@@ -206,7 +206,7 @@ def test_checkpoint_holds_the_student_only_and_exports(teacher_file, tmp_path):
     assert exported.layout == STUDENT_LAYOUT
     assert all(torch.equal(exported.state_dict()[k], shadow[k].detach()) for k in shadow), "EMA weights exported"
 
-    student = HybridStudent(Backbone(**{**SIZE, "layout": STUDENT_LAYOUT}), TinyT5TextEncoder(d_model=32, max_length=24),
+    student = DiffusionModule(Backbone(**{**SIZE, "layout": STUDENT_LAYOUT}), TinyT5TextEncoder(d_model=32, max_length=24),
                             PixelSpace())
     exported_ckpt = torch.load(written["checkpoint"], weights_only=True)
     student.on_load_checkpoint(exported_ckpt)

@@ -6,14 +6,14 @@ from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
 from lit_dimba.diffusion import GaussianDiffusion
 from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
-from lit_dimba.modules import Sampling, TeacherDiT
+from lit_dimba.modules import DiffusionModule, Sampling
 
 
 def make_module(depth=1, learn_sigma=False, prediction_type="epsilon"):
     torch.manual_seed(0)
     backbone = Backbone(depth=depth, hidden_size=32, num_heads=2, patch_size=4, in_channels=3, learn_sigma=learn_sigma,
                         caption_channels=32, token_num=24, base_size=4)
-    return TeacherDiT(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace(),
+    return DiffusionModule(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace(),
                       GaussianDiffusion(prediction_type=prediction_type), caption_dropout=0.0,
                       optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
 
@@ -72,7 +72,7 @@ def test_generate_is_deterministic_per_image_and_guided():
 def test_mismatched_encoders_are_refused():
     backbone = Backbone(depth=1, hidden_size=32, num_heads=2, in_channels=4, caption_channels=32, token_num=24)
     with pytest.raises(ConfigError, match="in_channels=4"):
-        TeacherDiT(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace())
+        DiffusionModule(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace())
     backbone = Backbone(depth=1, hidden_size=32, num_heads=2, in_channels=3, caption_channels=32, token_num=24)
     with pytest.raises(ConfigError, match="token_num=24"):
-        TeacherDiT(backbone, TinyT5TextEncoder(d_model=32, max_length=16), PixelSpace())
+        DiffusionModule(backbone, TinyT5TextEncoder(d_model=32, max_length=16), PixelSpace())

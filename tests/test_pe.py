@@ -15,7 +15,7 @@ from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
 from lit_dimba.models.embeddings import sincos_1d, sincos_2d
 from main import main
-from lit_dimba.modules import TeacherDiT
+from lit_dimba.modules import DiffusionModule
 from tests.conftest import DEMO, TINY
 
 
@@ -126,8 +126,8 @@ def test_without_a_base_grid_the_pe_extrapolates():
     np.testing.assert_allclose(forward_pe(model, 32, 32)[0], reference_pe(32, 8, 8, 0.5), atol=1e-5)
 
 
-def tiny_module(**pe) -> TeacherDiT:
-    return TeacherDiT(tiny_backbone(**pe), TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace())
+def tiny_module(**pe) -> DiffusionModule:
+    return DiffusionModule(tiny_backbone(**pe), TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace())
 
 
 def test_callback_hands_the_base_grid_once():

@@ -20,7 +20,7 @@ from lit_dimba.convert.pixart import convert_pixart
 from lit_dimba.errors import ConfigError
 from lit_dimba.export import main as export_main
 from lit_dimba.models.backbone import Backbone, MambaConfig
-from lit_dimba.modules import TeacherDiT
+from lit_dimba.modules import DiffusionModule
 from main import main
 from tests.conftest import ROOT
 from tests.test_conditioning import TINY_VAE_CONFIG
@@ -232,7 +232,7 @@ def test_predict_with_pixart_t5_and_vae_files(in_tmp):
     assert images[0].shape == (16, 16, 3) and all(image.std() > 0 for image in images)
 
     # the module the config builds holds PixArt's network: same output as diffusers'
-    module = TeacherDiT(Backbone(**convert_pixart("pretrained/PixArt-XL-2-512x512.pth", num_heads=2, base_size=4)[1]),
+    module = DiffusionModule(Backbone(**convert_pixart("pretrained/PixArt-XL-2-512x512.pth", num_heads=2, base_size=4)[1]),
                         TextEncoder("./pretrained/t5-v1_1-xxl", max_length=TOKENS),
                         LatentVAE("./pretrained/sd-vae-ft-ema"), init_weights="./pretrained/PixArt-XL-2-512x512.pth")
     x, t, y, mask = inputs(8, 8)
@@ -350,7 +350,8 @@ def test_exported_teacher_imports_back_identical(name, tmp_path):
 @pytest.mark.parametrize("overrides, options, message", [
     (dict(layout=["attn", "mamba_h", "mamba_w"], depth=3, mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)),
      [], r"2 of its 3 blocks are Mamba \(mamba_h, mamba_w; .*layout 'dit'\)"),
-    (dict(layout="dimba", mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)), ["--sample_size", "8"],
+    (dict(after_each_block=["mamba_layer"], mamba=MambaConfig(d_state=8, headdim=8, chunk_size=8)),
+     ["--sample_size", "8"],
      r"2 of its 4 blocks are Mamba \(mamba_layer;"),
     (dict(mlp_ratio=2.0, pe_mode="centred"), [], r"mlp_ratio 2.0 .*; pe_mode 'centred' .*; base_size null .*: pass "
                                                  r"--sample_size"),

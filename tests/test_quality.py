@@ -11,7 +11,7 @@ from datamodules import HFDatasetSource, SyntheticShapesSource
 from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
 from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
-from lit_dimba.modules import TeacherDiT
+from lit_dimba.modules import DiffusionModule
 from main import main
 from tests.conftest import DEMO, ROOT, TINY
 from tests.test_module import make_module
@@ -69,9 +69,9 @@ def test_init_weights_loads_the_ema_average(tmp_path):
 
     backbone = Backbone(depth=1, hidden_size=32, num_heads=2, patch_size=4, in_channels=3, learn_sigma=False,
                         caption_channels=32, token_num=24, base_size=4)
-    tuned = TeacherDiT(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace(), init_weights=path)
+    tuned = DiffusionModule(backbone, TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace(), init_weights=path)
     assert all(torch.equal(p, shadow[k].detach()) for k, p in tuned.model.named_parameters())
     with pytest.raises(ConfigError, match="init_weights .* does not fit"):
-        TeacherDiT(Backbone(depth=2, hidden_size=32, num_heads=2, patch_size=4, in_channels=3, learn_sigma=False,
+        DiffusionModule(Backbone(depth=2, hidden_size=32, num_heads=2, patch_size=4, in_channels=3, learn_sigma=False,
                             caption_channels=32, token_num=24, base_size=4),
                    TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace(), init_weights=path)

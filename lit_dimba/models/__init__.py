@@ -1,5 +1,5 @@
 """Networks: embeddings, attention, and the one layout-driven backbone."""
 
-from lit_dimba.models.backbone import PRESETS, Backbone
+from lit_dimba.models.backbone import Backbone, MambaConfig
 
-__all__ = ["PRESETS", "Backbone"]
+__all__ = ["Backbone", "MambaConfig"]

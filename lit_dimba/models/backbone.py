@@ -1,25 +1,26 @@
 """The one diffusion backbone: PixArt-alpha's text-to-image DiT, built from a layout of token mixers.
 
-Every block is ``token mixer -> cross-attention to text -> MLP`` with adaLN-single modulation: one shared
-time MLP (``t_block``) produces six modulation vectors per sample, and each block adds its own learned
-``scale_shift_table``. The layout names the token mixer of each block, so DiT (all self-attention) and the
-hybrid layouts share every module name outside the mixers, and copying weights between them is by name.
+The network is ``depth`` PixArt blocks (``Block``: ``token mixer -> cross-attention to text -> MLP`` with
+adaLN-single modulation: one shared time MLP (``t_block``) produces six modulation vectors per sample, and each
+block adds its own learned ``scale_shift_table``). Its layout is two pieces of data:
 
-Layout entries (``MIXER_KINDS``):
-- ``attn``: self-attention block (DiT / PixArt-alpha);
-- ``mamba_h`` / ``mamba_w``: the same block with a 2-D Mamba-2 scan as token mixer, height- or width-first
-  (T2MD);
-- ``mamba_layer``: Dimba's extra layer after an attention block, ``x + scan(norm(x))``, with no time or
-  text conditioning.
+- ``layout``: the token mixer of each PixArt block, a name of ``MIXERS`` (``attn``: self-attention, DiT /
+  PixArt-alpha; ``mamba_h`` / ``mamba_w``: a 2-D Mamba-2 scan, height- or width-first, T2MD), given as a list or
+  as a named pattern (``expand_layout``);
+- ``after_each_block``: the blocks that follow every PixArt block, names of ``EXTRA_BLOCKS`` (``mamba_layer``:
+  Dimba's ``x + scan(norm(x))``, with no time or text conditioning). Empty for DiT and T2MD.
 
-Names and tensor layouts follow PixArt-alpha so that its checkpoints load by (renamed) key.
+All blocks are one list, ``blocks.<i>``, in execution order. DiT and the hybrid layouts share every module name
+outside the mixers, so copying weights between them is by name; names and tensor layouts follow PixArt-alpha so
+that its checkpoints load by (renamed) key.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch._dynamo
+import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,9 +29,6 @@ from lit_dimba.models.attention import CrossAttention, SelfAttention
 from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
 from lit_dimba.models.mamba import Mamba2, Scan2D
 
-MIXER_KINDS = ("attn", "mamba_h", "mamba_w", "mamba_layer")
-SCAN_KINDS = ("mamba_h", "mamba_w")  # the blocks whose token mixer is a Mamba scan in place of self-attention
-LAYOUTS = ("dit", "dimba", "t2md", "mamba")
 RECOMPILE_LIMIT = 64  # compiled graphs per code object (see ``Backbone.compile_blocks``)
 
 
@@ -56,54 +54,31 @@ class MambaConfig:
         return Scan2D(hidden_size, order, bidirectional, **kwargs)
 
 
-# PixArt-alpha's 512^2 setting: SD-VAE latents 4 x 64 x 64, patch 2, T5-XXL features (4096 x 120 tokens).
-_FULL = dict(patch_size=2, in_channels=4, learn_sigma=True, caption_channels=4096, token_num=120)
-_XL = dict(_FULL, depth=28, hidden_size=1152, num_heads=16)
-# Test size: 4-channel latents, a 32-channel text encoder with 16 tokens, small Mamba-2 mixers.
-_TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, in_channels=4, learn_sigma=True,
-             caption_channels=32, token_num=16, mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16))
+def expand_layout(layout: str | list[str], depth: int) -> list[str]:
+    """A layout name or an explicit list -> the mixer of each of the ``depth`` PixArt blocks.
 
-PRESETS = {
-    "dit-xl/2": dict(_XL, layout="dit"),  # PixArt-alpha XL/2
-    # Dimba-L/2 style: 24 attention blocks (1024 wide), each followed by one bidirectional Mamba layer.
-    "dimba-l/2": dict(_FULL, layout="dimba", depth=24, hidden_size=1024, num_heads=16, dimba_ratio=1),
-    # T2MD: the XL/2 teacher with self-attention at blocks 0, 7, 14, 21 and HM/WM Mamba-2 (d_state 256) elsewhere.
-    "t2md": dict(_XL, layout="t2md", mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
-    # T2MD ablation without self-attention: all 28 blocks are HM/WM Mamba-2.
-    "mamba-xl/2": dict(_XL, layout="mamba", mamba=MambaConfig(d_state=256, expand=2, headdim=64)),
-    "dit-tiny": dict(_TINY, layout="dit"),
-    "dimba-tiny": dict(_TINY, layout="dimba"),
-    "t2md-tiny": dict(_TINY, layout="t2md", depth=7),
-    "mamba-tiny": dict(_TINY, layout="mamba"),
-}
-
-
-def expand_layout(layout: str | list[str], depth: int, dimba_ratio: int = 1) -> list[str]:
-    """A layout name or an explicit per-block list -> the list of block kinds.
-
-    "dit": ``depth`` attention blocks. "dimba": ``depth`` attention blocks, each followed by ``dimba_ratio``
-    Mamba layers. "t2md": ``depth`` blocks, self-attention at every 7th (0, 7, 14, 21 for 28) and alternating
-    height-first / width-first Mamba-2 blocks in between (``SA-(HM-WM)x3`` repeated). "mamba": ``depth``
-    alternating HM/WM blocks. An explicit list must have ``depth`` entries.
+    "dit": all self-attention. "t2md": self-attention at every 7th block (0, 7, 14, 21 for 28) and alternating
+    height-first / width-first Mamba-2 in between (``SA-(HM-WM)x3`` repeated). "mamba": alternating HM/WM. An
+    explicit list names ``depth`` mixers of ``MIXERS``.
     """
     if isinstance(layout, str):
         if layout == "dit":
             return ["attn"] * depth
-        if layout == "dimba":
-            return (["attn"] + ["mamba_layer"] * dimba_ratio) * depth
         if layout == "t2md":
             return ["attn" if i % 7 == 0 else ("mamba_h" if i % 7 % 2 else "mamba_w") for i in range(depth)]
         if layout == "mamba":
             return ["mamba_h" if i % 2 == 0 else "mamba_w" for i in range(depth)]
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or give a list of {MIXER_KINDS}")
-    kinds = list(layout)
-    if len(kinds) != depth:
-        raise ConfigError(f"backbone.layout lists {len(kinds)} blocks but backbone.depth is {depth}; list {depth} "
-                          f"mixers or set depth: {len(kinds)}")
-    unknown = sorted(set(kinds) - set(MIXER_KINDS))
+        raise ValueError(f"unknown layout {layout!r}; choose 'dit', 't2md', 'mamba' or give a list of {list(MIXERS)}")
+    mixers = list(layout)
+    if len(mixers) != depth:
+        raise ConfigError(f"backbone.layout lists {len(mixers)} blocks but backbone.depth is {depth}; list {depth} "
+                          f"mixers or set depth: {len(mixers)}")
+    unknown = sorted(set(mixers) - set(MIXERS))
     if unknown:
-        raise ValueError(f"unknown mixer kinds {unknown} in layout; allowed: {MIXER_KINDS}")
-    return kinds
+        blocks = [kind for kind in unknown if kind in EXTRA_BLOCKS]
+        hint = f"; {blocks} are blocks, not mixers: list them in after_each_block" if blocks else ""
+        raise ConfigError(f"unknown mixer kinds {unknown} in layout; allowed: {list(MIXERS)}{hint}")
+    return mixers
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -111,17 +86,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def make_mixer(kind: str, hidden_size: int, num_heads: int, mamba: MambaConfig) -> nn.Module:
-    """A token mixer (B, N, C), grid -> (B, N, C) of the given kind."""
-    if kind == "attn":
-        return SelfAttention(hidden_size, num_heads)
-    if kind in ("mamba_h", "mamba_w"):
-        return mamba.scan(hidden_size, kind[-1])
-    raise ValueError(f"unknown mixer kind {kind!r}; allowed: {MIXER_KINDS}")
+# The token mixers of a PixArt block, by layout name: (hidden_size, num_heads, Mamba settings) -> a module mapping
+# (B, N, C), grid (h, w) -> (B, N, C). A new mixer kind is one more entry.
+MIXERS = {
+    "attn": lambda hidden_size, num_heads, mamba: SelfAttention(hidden_size, num_heads),
+    "mamba_h": lambda hidden_size, num_heads, mamba: mamba.scan(hidden_size, "h"),
+    "mamba_w": lambda hidden_size, num_heads, mamba: mamba.scan(hidden_size, "w"),
+}
 
 
 class Block(nn.Module):
-    """PixArt-alpha block with a pluggable token mixer.
+    """PixArt-alpha block with a pluggable token mixer (``mixer``: a name of ``MIXERS``).
 
     x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
     grid (h, w) with h * w = N -> (x (B, N, C), mixer input (B, N, C), mixer output (B, N, C)). The mixer
@@ -132,10 +107,10 @@ class Block(nn.Module):
     block (FSDP gathering its shards, activation checkpointing) take part.
     """
 
-    def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
+    def __init__(self, mixer: str, hidden_size: int, num_heads: int, mlp_ratio: float, mamba: MambaConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mixer = make_mixer(kind, hidden_size, num_heads, mamba)
+        self.mixer = MIXERS[mixer](hidden_size, num_heads, mamba)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -157,7 +132,7 @@ class Block(nn.Module):
 
 
 class MambaLayer(nn.Module):
-    """Dimba's Mamba layer after an attention block: ``x + scan(norm(x))``, bidirectional width-first scan,
+    """Dimba's Mamba layer after a PixArt block: ``x + scan(norm(x))``, bidirectional width-first scan,
     no time or text conditioning. Same call signature as ``Block`` (the conditioning inputs are unused).
 
     x (B, N, C), grid (h, w) -> (x, mixer input, mixer output), each (B, N, C).
@@ -172,6 +147,11 @@ class MambaLayer(nn.Module):
         mixer_in = self.norm(x)
         mixer_out = self.mixer(mixer_in, grid)
         return x + mixer_out, mixer_in, mixer_out
+
+
+# The blocks that may follow each PixArt block (``Backbone.after_each_block``), by layout name:
+# (hidden_size, Mamba settings) -> a module with ``Block``'s call signature. A new block kind is one more entry.
+EXTRA_BLOCKS = {"mamba_layer": MambaLayer}
 
 
 class FinalLayer(nn.Module):
@@ -191,14 +171,21 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+@dataclass(eq=False, repr=False)
 class Backbone(nn.Module):
     """Text-conditioned diffusion backbone over any latent grid divisible by the patch size.
 
+    The constructor's arguments are this dataclass's fields, the one list of them: ``config`` returns them all,
+    and checkpoints and exports save it.
+
     Args:
-        layout: "dit" (all self-attention), "dimba", "t2md", "mamba" or a per-block list of ``MIXER_KINDS``
-            (see ``expand_layout``).
-        depth, hidden_size, num_heads, mlp_ratio: transformer size.
-        dimba_ratio: Mamba layers after each attention block in the "dimba" layout (K in 1:K).
+        layout: the token mixer of each PixArt block: "dit" (all self-attention), "t2md", "mamba" or a list of
+            ``depth`` names of ``MIXERS`` (see ``expand_layout``).
+        depth: the number of PixArt blocks (``Block``, each with time and text conditioning).
+        after_each_block: blocks inserted after every PixArt block, in order, names of ``EXTRA_BLOCKS``: Dimba is
+            ``[mamba_layer]`` (1:1), ``[mamba_layer, mamba_layer]`` is 1:2. The backbone has
+            ``depth * (1 + len(after_each_block))`` blocks.
+        hidden_size, num_heads, mlp_ratio: transformer size.
         mamba: settings of the Mamba-2 mixers.
         patch_size: p; inputs need H and W divisible by p.
         in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
@@ -225,86 +212,60 @@ class Backbone(nn.Module):
     forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
     bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W); with
     ``return_mixer_io`` also a list with one ``(mixer input, mixer output)`` pair, each (B, h * w, hidden), per
-    block (what distillation matches between teacher and student).
-
-    ``config`` holds the constructor arguments (plain Python values, with the current ``base_size``,
-    ``pe_interpolation``, ``pe_mode`` and ``pe_base_grid``, which ``callbacks.PEInterpolation`` may set before a run),
-    enough to rebuild the same network.
+    block of ``blocks`` (what distillation matches between teacher and student).
     """
 
-    def __init__(
-        self,
-        layout: str | list[str] = "dit",
-        depth: int = 28,
-        hidden_size: int = 1152,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        learn_sigma: bool = True,
-        caption_channels: int = 4096,
-        token_num: int = 120,
-        base_size: int | None = None,
-        pe_interpolation: float = 1.0,
-        pe_mode: str = "pixart",
-        pe_base_grid: int | None = None,
-        gradient_checkpointing: bool = False,
-        dimba_ratio: int = 1,
-        mamba: MambaConfig = MambaConfig(),
-        micro_conditioning: bool = False,
-        pixels_per_latent: int = 8,
-    ):
-        super().__init__()
-        self._init_config = dict(
-            layout=layout if isinstance(layout, str) else list(layout), depth=depth, hidden_size=hidden_size,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size, in_channels=in_channels,
-            learn_sigma=learn_sigma, caption_channels=caption_channels, token_num=token_num, base_size=base_size,
-            pe_interpolation=pe_interpolation, pe_mode=pe_mode, pe_base_grid=pe_base_grid,
-            gradient_checkpointing=gradient_checkpointing,
-            dimba_ratio=dimba_ratio, mamba=asdict(mamba), micro_conditioning=micro_conditioning,
-            pixels_per_latent=pixels_per_latent,
-        )
-        self.layout = expand_layout(layout, depth, dimba_ratio)
-        self.hidden_size = hidden_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.caption_channels = caption_channels
-        self.token_num = token_num
-        self.base_size = base_size
-        self.pe_interpolation = pe_interpolation
-        if pe_mode not in ("pixart", "centred"):
-            raise ValueError(f"pe_mode={pe_mode!r}; choose 'pixart' or 'centred'")
-        self.pe_mode = pe_mode
-        self.pe_base_grid = pe_base_grid
-        self.gradient_checkpointing = gradient_checkpointing
+    layout: str | list[str] = "dit"
+    depth: int = 28
+    after_each_block: list[str] = field(default_factory=list)
+    hidden_size: int = 1152
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    patch_size: int = 2
+    in_channels: int = 4
+    learn_sigma: bool = True
+    caption_channels: int = 4096
+    token_num: int = 120
+    base_size: int | None = None
+    pe_interpolation: float = 1.0
+    pe_mode: str = "pixart"
+    pe_base_grid: int | None = None
+    gradient_checkpointing: bool = False
+    micro_conditioning: bool = False
+    pixels_per_latent: int = 8
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+    def __post_init__(self):
+        super().__init__()
+        if not isinstance(self.layout, str):
+            self.layout = list(self.layout)
+        self.after_each_block = list(self.after_each_block)
+        self.mixers = expand_layout(self.layout, self.depth)
+        unknown = sorted(set(self.after_each_block) - set(EXTRA_BLOCKS))
+        if unknown:
+            raise ConfigError(f"unknown block kinds {unknown} in after_each_block; allowed: {list(EXTRA_BLOCKS)}")
+        if self.pe_mode not in ("pixart", "centred"):
+            raise ValueError(f"pe_mode={self.pe_mode!r}; choose 'pixart' or 'centred'")
+        hidden_size = self.hidden_size
+        self.out_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+        self.x_embedder = PatchEmbed(self.patch_size, self.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, token_num)
-        self.micro_conditioning = micro_conditioning
-        self.pixels_per_latent = pixels_per_latent
-        if micro_conditioning:
+        self.y_embedder = CaptionEmbedder(self.caption_channels, hidden_size, self.token_num)
+        if self.micro_conditioning:
             if hidden_size % 3:
                 raise ValueError(f"micro_conditioning embeds height, width and aspect ratio in hidden_size / 3 "
                                  f"channels each; hidden_size {hidden_size} is not divisible by 3")
             self.csize_embedder = TimestepEmbedder(hidden_size // 3)
             self.ar_embedder = TimestepEmbedder(hidden_size // 3)
-        self.blocks = nn.ModuleList(
-            MambaLayer(hidden_size, mamba) if kind == "mamba_layer"
-            else Block(kind, hidden_size, num_heads, mlp_ratio, mamba)
-            for kind in self.layout
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        blocks = []
+        for mixer in self.mixers:
+            blocks.append(Block(mixer, hidden_size, self.num_heads, self.mlp_ratio, self.mamba))
+            blocks += [EXTRA_BLOCKS[kind](hidden_size, self.mamba) for kind in self.after_each_block]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
         self.initialize_weights()
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Backbone":
-        """Build a named preset (see ``PRESETS``), with keyword overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def initialize_weights(self):
         """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections.
@@ -397,13 +358,30 @@ class Backbone(nn.Module):
 
     @property
     def config(self) -> dict:
-        return {**self._init_config, "base_size": self.base_size, "pe_interpolation": self.pe_interpolation,
-                "pe_mode": self.pe_mode, "pe_base_grid": self.pe_base_grid}
+        """Every constructor argument as plain Python values (the current ``base_size``, ``pe_interpolation``,
+        ``pe_mode`` and ``pe_base_grid``, which ``callbacks.PEInterpolation`` may set before a run): enough to
+        rebuild the same network (``from_config``)."""
+        return {f.name: asdict(self.mamba) if f.name == "mamba" else getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_config(cls, config: dict) -> "Backbone":
-        """Rebuild a backbone from its ``config`` (e.g. read back from an exported ``backbone.yaml``)."""
+        """Rebuild a backbone from its ``config`` (e.g. read back from an exported ``backbone.yaml``). Configs saved
+        before ``after_each_block`` existed (layout "dimba" with ``dimba_ratio`` K) give the same network."""
+        config = dict(config)
+        ratio = config.pop("dimba_ratio", 1)
+        if config.get("layout") == "dimba":
+            config.update(layout="dit", after_each_block=["mamba_layer"] * ratio)
         return cls(**{**config, "mamba": MambaConfig(**config.get("mamba", {}))})
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "Backbone":
+        """Build the backbone of a config file (``class_path`` + ``init_args``, as under ``configs/backbones/`` and
+        in exports' ``backbone.yaml``), with keyword overrides (``mamba`` as a dict or ``MambaConfig``)."""
+        with open(path) as f:
+            config = yaml.safe_load(f)["init_args"]
+        mamba = overrides.pop("mamba", {})
+        mamba = {**config.get("mamba", {}), **(asdict(mamba) if isinstance(mamba, MambaConfig) else mamba)}
+        return cls.from_config({**config, **overrides, "mamba": mamba})
 
     def forward(self, x, t, y, mask, drop_caption=None, return_mixer_io: bool = False):
         grid = self.grid_size(x.shape[-2], x.shape[-1])

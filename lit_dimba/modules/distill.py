@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -28,7 +29,8 @@ from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.backbone import SCAN_KINDS, Backbone
+from lit_dimba.models.backbone import Backbone, Block
+from lit_dimba.models.mamba import Scan2D
 from lit_dimba.modules.diffusion import DiffusionModule, Sampling
 
 
@@ -37,15 +39,15 @@ class DistillModule(DiffusionModule):
 
     Args:
         student: the hybrid backbone trained here; same depth, width, patch and text size as the teacher, with
-            ``mamba_h``/``mamba_w`` blocks where the teacher has attention (no ``mamba_layer`` blocks).
+            ``mamba_h``/``mamba_w`` blocks where the teacher has attention (no ``after_each_block``).
         teacher: the teacher's architecture (layout ``dit``).
-        teacher_checkpoint: the teacher's weights: a ``.ckpt`` of ``TeacherDiT``, or an export folder /
+        teacher_checkpoint: the teacher's weights: a ``.ckpt`` of ``DiffusionModule``, or an export folder /
             ``.safetensors`` file (``python -m lit_dimba.export``). Only this path is saved with the student.
         teacher_ema: take the teacher's EMA weights from a ``.ckpt`` (when it has them).
         stage: ``forcing`` or ``kd`` (see the module docstring).
         copy_weights: start the student from the teacher's tensors wherever names and shapes match (all but the
             Mamba mixers); False trains the student from its random init (the "from scratch" ablation).
-        init_student: a checkpoint (``.ckpt`` of this module or of ``HybridStudent``, or an export) whose trained
+        init_student: a checkpoint (``.ckpt`` of this module or of ``DiffusionModule``, or an export) whose trained
             student weights replace the initial ones, e.g. stage 1's result for stage 2.
         lambda_eps, lambda_features: weights of the teacher-prediction and mixer-feature terms of ``kd``; with
             both 0 the teacher is not run in ``kd``.
@@ -85,7 +87,7 @@ class DistillModule(DiffusionModule):
         super().__init__(student, text_encoder, vae, diffusion, caption_dropout, optimizer, lr_scheduler, sampling,
                          compile=compile, skip_nonfinite=skip_nonfinite)
         check_pair(teacher, student)
-        self.scan_blocks = [i for i, kind in enumerate(student.layout) if kind in SCAN_KINDS]
+        self.scan_blocks = [i for i, block in enumerate(student.blocks) if has_scan_mixer(block)]
         if stage == "forcing" and not self.scan_blocks:
             raise ConfigError("stage 'forcing' trains the student's Mamba mixers, but its layout has none; add "
                               "'mamba_h'/'mamba_w' blocks to student.layout or use stage 'kd'")
@@ -107,17 +109,14 @@ class DistillModule(DiffusionModule):
         self.set_trainable("mamba" if stage == "forcing" else trainable)
 
     def set_trainable(self, which: Literal["mixers", "mamba", "all"]) -> None:
-        """Freeze the student's parameters except ``which`` (see the class docstring)."""
+        """Freeze the student's parameters except ``which`` (see the class docstring): the token mixers of its
+        blocks (``mixers``), only those that are Mamba scans (``mamba``), or everything (``all``)."""
         if which not in ("mixers", "mamba", "all"):
             raise ConfigError(f"trainable={which!r}; choose 'mixers', 'mamba' or 'all'")
-        kinds = {"mixers": set(self.model.layout), "mamba": set(SCAN_KINDS)}.get(which)
-        for name, p in self.model.named_parameters():
-            if kinds is None:
-                p.requires_grad_(True)
-                continue
-            parts = name.split(".")
-            in_mixer = parts[0] == "blocks" and parts[2] == "mixer"
-            p.requires_grad_(in_mixer and self.model.layout[int(parts[1])] in kinds)
+        self.model.requires_grad_(which == "all")
+        for block in self.model.blocks:
+            if which == "mixers" and isinstance(block, Block) or which == "mamba" and has_scan_mixer(block):
+                block.mixer.requires_grad_(True)
 
     def compiled_backbones(self) -> list[Backbone]:
         return [self.model, self.teacher]
@@ -182,13 +181,19 @@ class DistillModule(DiffusionModule):
         return losses
 
 
+def has_scan_mixer(block: nn.Module) -> bool:
+    """True for a PixArt block whose token mixer is a Mamba scan (``mamba_h``/``mamba_w``)."""
+    return isinstance(block, Block) and isinstance(block.mixer, Scan2D)
+
+
 def check_pair(teacher: Backbone, student: Backbone) -> None:
     """Refuse a teacher/student pair that layer-level distillation cannot match block by block."""
-    if any(kind != "attn" for kind in teacher.layout):
-        raise ConfigError(f"the teacher must be all self-attention (layout 'dit'); got {teacher.config['layout']!r}")
-    if "mamba_layer" in student.layout:
-        raise ConfigError("the student has 'mamba_layer' blocks (Dimba layout), which no teacher block matches; "
-                          "use a layout of 'attn'/'mamba_h'/'mamba_w' blocks (e.g. 't2md')")
-    if len(student.layout) != len(teacher.layout):
-        raise ConfigError(f"the student has {len(student.layout)} blocks but the teacher {len(teacher.layout)}; "
+    if any(mixer != "attn" for mixer in teacher.mixers) or teacher.after_each_block:
+        raise ConfigError(f"the teacher must be all self-attention (layout 'dit', no after_each_block); got layout "
+                          f"{teacher.layout!r} and after_each_block {teacher.after_each_block}")
+    if student.after_each_block:
+        raise ConfigError(f"the student has after_each_block {student.after_each_block} (Dimba layout), which no "
+                          "teacher block matches; use a layout of 'attn'/'mamba_h'/'mamba_w' blocks (e.g. 't2md')")
+    if student.depth != teacher.depth:
+        raise ConfigError(f"the student has {student.depth} blocks but the teacher {teacher.depth}; "
                           "distillation replaces the teacher's blocks one for one, so give the student its depth")
