@@ -30,4 +30,4 @@ distill-demo: setup $(RUN)/checkpoints/last.ckpt
 	$(PY) -m lit_dimba.export $(DISTILL)/kd/checkpoints/last.ckpt $(DISTILL)/export
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
