@@ -234,5 +234,4 @@ def test_data_speed():
         speed = 1000 / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    print(f"\ncompositional data at 64^2 on one thread: {speed:,.0f} images/s")
     assert speed > 1000

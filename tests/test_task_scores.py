@@ -44,7 +44,6 @@ def scores(images: torch.Tensor, requests: list[Request]) -> dict[str, float]:
 def test_ground_truth_scores_every_task(resolution):
     requests = sample(40 if resolution == 64 else 25)
     result = scores(render(requests, resolution), requests)
-    print(f"\nground truth at {resolution}^2: {result}")
     assert set(result) == KEYS
     assert all(value >= 0.98 for value in result.values()), result
 
@@ -82,7 +81,6 @@ def test_reader_is_stable_under_blur_noise_and_shifts(resolution):
     }
     for name, changed in perturbed.items():
         result = scores(changed, requests)
-        print(f"\n{name} at {resolution}^2: {result}")
         assert result["overall"] >= 0.97 and min(result.values()) >= 0.9, (name, result)
 
 
