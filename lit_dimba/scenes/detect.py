@@ -3,7 +3,7 @@ detector and colour classifier do for photographs.
 
 ``find_objects`` works in these steps, on [0, 255] RGB values:
 
-1. images larger than ``ANALYSIS_SIDE`` (longer side) are area-downsampled to it;
+1. images larger than ``reader.ANALYSIS_SIDE`` (longer side) are area-downsampled to it (``image_distances``);
 2. background = per-channel median of the border pixels;
 3. cores = pixels farther (Euclidean RGB) from the background than ``CORE`` of the image's near-peak distance
    (and at least ``MIN_CONTRAST``), split into 8-connected components; components smaller than ``MIN_AREA`` of
@@ -26,13 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lit_dimba.scenes.composition import OBJECT_SHAPES
 from lit_dimba.scenes.draw import coverage
-from lit_dimba.scenes.reader import MIN_CONTRAST, grow, label_components, nearest_colour
+from lit_dimba.scenes.reader import MIN_CONTRAST, grow, image_distances, label_components, nearest_colour
 
-ANALYSIS_SIDE = 64
 # Share of the near-peak distance from the background above which a pixel belongs to an object's core: about half
 # coverage of the strongest colour, so blurred edges and the gaps between objects stay out.
 CORE = 0.45
@@ -97,20 +95,7 @@ def find_objects(image: torch.Tensor) -> list[Found]:
     Returns:
         One ``Found`` per object; empty when nothing stands out from the background.
     """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
-    image = image.detach().float().cpu()
-    height, width = image.shape[1:]
-    if max(height, width) > ANALYSIS_SIDE:
-        scale = ANALYSIS_SIDE / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = F.interpolate(image[None], size=size, mode="area")[0]
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy().astype(np.float64)  # [H, W, 3]
-
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [2(H+W), 3]
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)  # [H, W]
-    peak = np.sort(distance, axis=None)[-max(4, distance.size // 200)]  # a few pixels in: noise cannot set it
+    pixels, background, distance, peak = image_distances(image)
     cores = label_components(distance > max(MIN_CONTRAST, CORE * peak))
     labels, counts = np.unique(cores[cores > 0], return_counts=True)
     labels = labels[counts >= max(2, MIN_AREA * distance.size)]

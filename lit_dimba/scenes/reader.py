@@ -94,6 +94,26 @@ def nearest_colour(colour: np.ndarray, background: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.linalg.norm(closest - colour, axis=1).argmin())]
 
 
+def image_distances(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """An image [3, H, W] (float in [-1, 1]) as the pixel analysis sees it, area-downsampled to ``ANALYSIS_SIDE``
+    on its longer side when larger: pixels [h, w, 3] float64 in 0..255, the background colour [3] (the median of
+    the border), each pixel's distance from it [h, w], and the near-peak distance (a few pixels in, so isolated
+    noisy pixels cannot set it)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
+    image = image.detach().float().cpu()
+    height, width = image.shape[1:]
+    if max(height, width) > ANALYSIS_SIDE:
+        scale = ANALYSIS_SIDE / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = F.interpolate(image[None], size=size, mode="area")[0]
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy().astype(np.float64)  # [H, W, 3]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [2(H+W), 3]
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(pixels - background, axis=-1)  # [H, W]
+    return pixels, background, distance, np.sort(distance, axis=None)[-max(4, distance.size // 200)]
+
+
 def read_scene(image: torch.Tensor) -> dict[str, str | None]:
     """Read the single shape in an image back into scene attributes.
 
@@ -104,22 +124,8 @@ def read_scene(image: torch.Tensor) -> dict[str, str | None]:
         ``{"colour", "shape", "position", "size"}`` (the keys of ``ATTRIBUTES``) with values from the
         vocabularies of ``world.py``, or all ``None`` when no shape stands out from the background.
     """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
-    image = image.detach().float().cpu()
-    height, width = image.shape[1:]
-    if max(height, width) > ANALYSIS_SIDE:
-        scale = ANALYSIS_SIDE / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = F.interpolate(image[None], size=size, mode="area")[0]
-        height, width = size
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy().astype(np.float64)  # [H, W, 3]
-
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [2(H+W), 3]
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)  # [H, W]
-    # Near-peak distance: a few pixels in, so isolated noisy pixels cannot set it.
-    peak = np.sort(distance, axis=None)[-max(4, distance.size // 200)]
+    pixels, background, distance, peak = image_distances(image)
+    height, width = distance.shape
     threshold = max(MIN_CONTRAST, peak / 2)
     mask = distance > threshold
     component = _largest_component(mask)
