@@ -37,6 +37,23 @@ from lit_dimba.scenes.phrasing import describe, plain
 from lit_dimba.scenes.render import image_size
 
 
+def _hold_out(candidates: list, values, target: int, seed: int) -> list:
+    """Greedy hold-out: ``candidates`` in an order shuffled by ``seed``, each held out unless that would leave one
+    of its ``values(candidate)`` (distinct items) without a training candidate, until ``target`` are held out.
+    Returns the held-out candidates in visiting order (fewer than ``target`` when no more can go)."""
+    order = list(candidates)
+    remaining = Counter(value for candidate in order for value in values(candidate))  # training candidates per value
+    random.Random(seed).shuffle(order)
+    heldout = []
+    for candidate in order:
+        if len(heldout) == target:
+            break
+        if all(remaining[value] > 1 for value in values(candidate)):
+            heldout.append(candidate)
+            remaining.subtract(values(candidate))
+    return heldout
+
+
 def heldout_scenes(fraction: float = 0.1, seed: int = 0) -> list[Scene]:
     """A deterministic set of scene combinations kept out of training and validation.
 
@@ -49,19 +66,9 @@ def heldout_scenes(fraction: float = 0.1, seed: int = 0) -> list[Scene]:
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"heldout fraction must be in [0, 1), got {fraction!r}")
-    order = all_scenes()
-    target = round(fraction * len(order))
-    # How many training combinations still show each (field, value) pair.
-    remaining = Counter(item for scene in order for item in vars(scene).items())
-    random.Random(seed).shuffle(order)
-    heldout = []
-    for scene in order:
-        if len(heldout) == target:
-            break
-        if all(remaining[item] > 1 for item in vars(scene).items()):
-            heldout.append(scene)
-            for item in vars(scene).items():
-                remaining[item] -= 1
+    scenes = all_scenes()
+    target = round(fraction * len(scenes))
+    heldout = _hold_out(scenes, lambda scene: vars(scene).items(), target, seed)
     if len(heldout) < target:
         raise ValueError(
             f"heldout fraction {fraction} is too large: only {len(heldout)} of {target} combinations "
@@ -76,7 +83,49 @@ def _item_rng(seed: int, stream: str, index: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-class SyntheticShapes(Dataset):
+class _CaptionedImages(Dataset):
+    """What both synthetic data sets share: ``length`` items of a "train" or "val" stream, each a pure function of
+    ``(seed, split, index)`` and the image size. Subclasses draw one item in ``item(rng, size)``.
+
+    ``resolution`` may be reassigned after construction; items read it when they are fetched.
+    """
+
+    def __init__(self, length: int, resolution: int | tuple[int, int], seed: int, split: str):
+        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.length = length
+        self.resolution = resolution
+        self.seed = seed
+        self.split = split
+
+    @property
+    def resolution(self) -> int | tuple[int, int]:
+        """Image side, or (height, width), of the items returned from now on."""
+        return self._resolution
+
+    @resolution.setter
+    def resolution(self, value: int | tuple[int, int]) -> None:
+        image_size(value)
+        self._resolution = value
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict[str, torch.Tensor | str]:
+        """Item ``key`` at ``resolution``, or ``(index, (height, width))`` at that size (resolution curriculum)."""
+        index, size = key if isinstance(key, tuple) else (key, self.resolution)
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {self.length}")
+        return self.item(_item_rng(self.seed, self.split, index), size)
+
+    def item(self, rng: random.Random, size: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        """One item drawn with ``rng`` at image size ``size``: ``{"image": Tensor [3, H, W], "caption": str}``."""
+        raise NotImplementedError
+
+
+class SyntheticShapes(_CaptionedImages):
     """Endless-style synthetic data set of ``length`` captioned shape images.
 
     Item ``i`` draws a scene uniformly from the combinations not returned by
@@ -99,36 +148,11 @@ class SyntheticShapes(Dataset):
         split: str = "train",
         heldout_fraction: float = 0.1,
     ):
-        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
-            raise ValueError(f"length must be a positive int, got {length!r}")
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.length = length
-        self.resolution = resolution
-        self.seed = seed
-        self.split = split
+        super().__init__(length, resolution, seed, split)
         heldout = set(heldout_scenes(heldout_fraction))
         self.scenes = [scene for scene in all_scenes() if scene not in heldout]
 
-    @property
-    def resolution(self) -> int | tuple[int, int]:
-        """Image side, or (height, width), of the items returned from now on."""
-        return self._resolution
-
-    @resolution.setter
-    def resolution(self, value: int | tuple[int, int]) -> None:
-        image_size(value)
-        self._resolution = value
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict[str, torch.Tensor | str]:
-        """Item ``key`` at ``resolution``, or ``(index, (height, width))`` at that size (resolution curriculum)."""
-        index, size = key if isinstance(key, tuple) else (key, self.resolution)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for SyntheticShapes of length {self.length}")
-        rng = _item_rng(self.seed, self.split, index)
+    def item(self, rng: random.Random, size: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
         scene = rng.choice(self.scenes)
         image = render(scene, size, rng)
         return {"image": image, "caption": caption(scene, rng)}
@@ -187,15 +211,7 @@ def heldout_requests(task: str, fraction: float = 0.1, seed: int = 0) -> list[Re
         return {("count", count), ("relation", relation), *(("colour", thing.colour) for thing in things),
                 *(("shape", thing.shape) for thing in things)}
 
-    remaining = Counter(value for key in keys for value in values(key))  # training pictures showing each value
-    random.Random(seed).shuffle(keys)
-    heldout = set()
-    for key in keys:
-        if len(heldout) == target:
-            break
-        if all(remaining[value] > 1 for value in values(key)):
-            heldout.add(key)
-            remaining.subtract(values(key))
+    heldout = set(_hold_out(keys, values, target, seed))
     if len(heldout) < target:
         raise ValueError(f"heldout fraction {fraction} is too large for {task}: only {len(heldout)} of {target} "
                          "pictures can be held out while every colour, shape, count and relation keeps one")
@@ -204,7 +220,7 @@ def heldout_requests(task: str, fraction: float = 0.1, seed: int = 0) -> list[Re
     return heldout_requests
 
 
-class SyntheticCompositions(Dataset):
+class SyntheticCompositions(_CaptionedImages):
     """Endless-style synthetic data set of ``length`` captioned images of the compositional world.
 
     Item ``i`` draws a task uniformly from ``tasks``, then a request uniformly from that task's requests not
@@ -220,14 +236,7 @@ class SyntheticCompositions(Dataset):
     def __init__(self, length: int, resolution: int | tuple[int, int] = 64, seed: int = 0, split: str = "train",
                  heldout_fraction: float = 0.1, tasks: tuple[str, ...] = TASKS,
                  object_size: tuple[float, float] = OBJECT_SIZE):
-        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
-            raise ValueError(f"length must be a positive int, got {length!r}")
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.length = length
-        self.resolution = resolution
-        self.seed = seed
-        self.split = split
+        super().__init__(length, resolution, seed, split)
         self.tasks = tuple(tasks)
         self.object_size = tuple(object_size)
         self.requests = {}
@@ -235,26 +244,8 @@ class SyntheticCompositions(Dataset):
             heldout = set(heldout_requests(task, heldout_fraction))
             self.requests[task] = [request for request in all_requests(task) if request not in heldout]
 
-    @property
-    def resolution(self) -> int | tuple[int, int]:
-        """Image side, or (height, width), of the items returned from now on."""
-        return self._resolution
-
-    @resolution.setter
-    def resolution(self, value: int | tuple[int, int]) -> None:
-        image_size(value)
-        self._resolution = value
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict[str, torch.Tensor | str]:
-        """Item ``key`` at ``resolution``, or ``(index, (height, width))`` at that size (resolution curriculum)."""
-        index, size = key if isinstance(key, tuple) else (key, self.resolution)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for SyntheticCompositions of length {self.length}")
+    def item(self, rng: random.Random, size: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
         height, width = image_size(size)
-        rng = _item_rng(self.seed, self.split, index)
         request = rng.choice(self.requests[rng.choice(self.tasks)])
         layout = lay_out(request, width / min(height, width), height / min(height, width), rng, self.object_size)
         return {"image": draw(layout, (height, width)), "caption": describe(request, rng)}
