@@ -43,3 +43,23 @@ def test_multi_gpu_script_smoke(tmp_path):
     assert set(speeds) == {"speed-dit-xl2-auto-1", "speed-dit-xl2-fsdp-2"}
     assert speeds["speed-dit-xl2-auto-1"]["world_size"] == 1 and speeds["speed-dit-xl2-fsdp-2"]["world_size"] == 2
     assert all(s["images_per_sec"] > 0 and s["steps"] == 2 for s in speeds.values())
+
+
+def test_t2md_study_script_smoke(tmp_path):
+    """The whole study at toy size: the teacher trains and is exported, a row with teacher forcing runs both stages
+    from it, the table reads their validation curves; a second call finds every unit done and only reports."""
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "t2md_study.py"), "--tiny", "--rows", "full",
+               "--seeds", "0", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    teacher = json.loads((tmp_path / "teacher" / "result.json").read_text())
+    assert teacher["steps"] == 10 and [p["step"] for p in teacher["curve"]] == [5, 10]
+    assert sorted(os.listdir(tmp_path / "teacher" / "export")) == ["backbone.yaml", "model.safetensors"]
+    full = json.loads((tmp_path / "rows" / "full" / "seed0" / "result.json").read_text())
+    assert full["budget"] == 2 and [p["step"] for p in full["curve"]] == [1, 2]  # stage 1, then stage 2
+    assert not [name for _, _, names in os.walk(tmp_path) for name in names if name.endswith(".ckpt")]
+    assert "| + teacher forcing (full recipe) | " in result.stdout and (tmp_path / "curve.svg").exists()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "0 units to run" in again.stdout
+    assert again.stdout[again.stdout.index("Teacher:"):] == result.stdout[result.stdout.index("Teacher:"):]

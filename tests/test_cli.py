@@ -117,7 +117,7 @@ TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
 # Configs that stand alone, and those that override one of them (stage 1, ablation rows).
 T2MD = os.path.join(ROOT, "configs", "distill", "t2md_512.yaml")
 STANDALONE = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [DISTILL, T2MD]
-# (override, the config it applies to)
+# (override, the config it applies to, or the configs in order)
 OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
     (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))] + [
     (data, os.path.join(ROOT, "configs", "teacher_dit_xl2_512.yaml"))
@@ -128,7 +128,11 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
                        ("t2md_hires.yaml", os.path.join("distill", "t2md_512.yaml")))] + [
     (os.path.join(ROOT, "configs", "quality", "demo.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
     (os.path.join(ROOT, "configs", "world", "compositional.yaml"), os.path.join(ROOT, "configs", "demo.yaml")),
-    (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml"))] + [
+    (os.path.join(ROOT, "configs", "distill", "t2md_pixart512_kd.yaml"), os.path.join(ROOT, "configs", "t2md_pixart512.yaml")),
+    (os.path.join(ROOT, "configs", "study", "teacher.yaml"),
+     (os.path.join(ROOT, "configs", "demo.yaml"), os.path.join(ROOT, "configs", "world", "compositional.yaml"))),
+    (os.path.join(ROOT, "configs", "study", "distill.yaml"), DISTILL),
+    (os.path.join(ROOT, "configs", "study", "timing.yaml"), (DISTILL, os.path.join(ROOT, "configs", "study", "distill.yaml")))] + [
     (strategy, os.path.join(ROOT, "configs", base)) for strategy in sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))
     for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
 
@@ -154,12 +158,16 @@ def test_print_config(config, capsys):
 @pytest.mark.parametrize("override,base_config", OVERRIDES)
 def test_distill_overrides_apply(override, base_config, capsys):
     """Each ablation row / stage / data file changes what it says it changes on top of its config."""
-    base = printed_config(capsys, base_config)
-    merged = printed_config(capsys, base_config, override)
+    bases = base_config if isinstance(base_config, tuple) else (base_config,)
+    base = printed_config(capsys, *bases)
+    merged = printed_config(capsys, *bases, override)
     wanted = yaml.safe_load(open(override))
 
     def check(want, got, where):
-        """Every value the override sets is in the merged config (which also holds defaults; keys may be strings)."""
+        """Every value the override sets is in the merged config (which also holds defaults; keys may be strings; a
+        backbone given as a file path is what that file holds)."""
+        if isinstance(want, str) and want.endswith(".yaml") and isinstance(got, dict):
+            want = yaml.safe_load(open(os.path.join(os.path.dirname(override), want)))
         if isinstance(want, dict):
             for key, value in want.items():
                 if str(key).endswith("+"):  # appended to the base config's list: its last items
@@ -182,7 +190,8 @@ def test_distill_overrides_apply(override, base_config, capsys):
 
     check(wanted, merged, "config")
     assert changes(wanted, base), f"{override} sets nothing that {base_config} does not already have"
-    assert merged["model"]["init_args"].get("teacher") == base["model"]["init_args"].get("teacher")
+    if "study" not in override:  # the study's configs bring their own teacher
+        assert merged["model"]["init_args"].get("teacher") == base["model"]["init_args"].get("teacher")
 
 
 def test_distill_stages_export_and_student_test(in_tmp):

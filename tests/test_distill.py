@@ -77,6 +77,22 @@ def test_teacher_of_another_architecture_is_refused(tmp_path):
         make_distill(str(tmp_path / "nope.ckpt"))
 
 
+def test_scratch_row_needs_no_teacher(teacher_file):
+    """teacher_checkpoint None: the from-scratch row trains like with a teacher file (whose weights it never uses);
+    every setting that would use the teacher is refused, naming the field."""
+    scratch = dict(copy_weights=False, lambda_eps=0.0, lambda_features=0.0, trainable="all")
+    without, with_file = make_distill(None, **scratch), make_distill(teacher_file, **scratch)
+    for name, value in with_file.model.state_dict().items():
+        assert torch.equal(without.model.state_dict()[name], value)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle", "a blue square"]}
+    losses = [module.batch_losses(batch, 0.0, torch.Generator().manual_seed(0))["loss"]
+              for module in (without, with_file)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for setting in ({"copy_weights": True}, {"lambda_eps": 0.5}, {"lambda_features": 0.2}, {"stage": "forcing"}):
+        with pytest.raises(ConfigError, match="teacher_checkpoint is null"):
+            make_distill(None, **{**scratch, **setting})
+
+
 def test_student_copy_refuses_mismatched_non_mixer_tensors(teacher_file):
     """A student wider than the teacher: the non-mixer tensors that cannot be copied are named."""
     with pytest.raises(ConfigError, match="outside the token mixers.*t_embedder"):

@@ -42,7 +42,9 @@ class DistillModule(DiffusionModule):
             ``mamba_h``/``mamba_w`` blocks where the teacher has attention (no ``after_each_block``).
         teacher: the teacher's architecture (layout ``dit``).
         teacher_checkpoint: the teacher's weights: a ``.ckpt`` of ``DiffusionModule``, or an export folder /
-            ``.safetensors`` file (``python -m lit_dimba.export``). Only this path is saved with the student.
+            ``.safetensors`` file (``python -m lit_dimba.export``). Only this path is saved with the student. None
+            only where nothing uses the teacher (stage ``kd``, ``copy_weights`` False, both lambdas 0: the
+            from-scratch ablation).
         teacher_ema: take the teacher's EMA weights from a ``.ckpt`` (when it has them).
         stage: ``forcing`` or ``kd`` (see the module docstring).
         copy_weights: start the student from the teacher's tensors wherever names and shapes match (all but the
@@ -66,7 +68,7 @@ class DistillModule(DiffusionModule):
         self,
         student: Backbone,
         teacher: Backbone,
-        teacher_checkpoint: str,
+        teacher_checkpoint: str | None,
         text_encoder: TextEncoder | None,
         vae: LatentVAE | PixelSpace,
         diffusion: GaussianDiffusion | None = None,
@@ -96,8 +98,13 @@ class DistillModule(DiffusionModule):
         self.lambda_features = lambda_features
         self.teacher_checkpoint = teacher_checkpoint
 
-        load_exact(teacher, load_backbone_state(teacher_checkpoint, teacher_ema),
-                   f"teacher_checkpoint {teacher_checkpoint!r}")
+        if teacher_checkpoint is not None:
+            load_exact(teacher, load_backbone_state(teacher_checkpoint, teacher_ema),
+                       f"teacher_checkpoint {teacher_checkpoint!r}")
+        elif stage == "forcing" or copy_weights or lambda_eps or lambda_features:
+            raise ConfigError("model.init_args.teacher_checkpoint is null, but the teacher is used (by stage "
+                              "'forcing', copy_weights, lambda_eps or lambda_features); set it to the teacher's .ckpt "
+                              "or export folder, or train from scratch (stage kd, copy_weights false, both lambdas 0)")
         self.teacher = teacher.requires_grad_(False).eval()
         if copy_weights:
             kept = copy_matching(self.model, self.teacher.state_dict())
