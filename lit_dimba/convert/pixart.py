@@ -34,7 +34,7 @@ from diffusers import PixArtTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from lit_dimba.errors import ConfigError, describe_names
-from lit_dimba.models.backbone import Backbone, expand_layout
+from lit_dimba.models.backbone import Backbone
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The null caption: in the hub's weights files, but not a tensor of diffusers' model (its pipeline encodes "").
@@ -146,8 +146,8 @@ def diffusers_config(config: dict, sample_size: int | None = None) -> dict:
     """
     patch, base_size = config["patch_size"], config["base_size"]
     with torch.device("meta"):  # the config as the backbone reads it (older forms included), nothing allocated
-        config = Backbone.from_config(config).config
-    kinds = expand_layout(config["layout"], config["depth"]) + config["after_each_block"] * config["depth"]
+        backbone = Backbone.from_config(config)
+    config, kinds = backbone.config, backbone.block_kinds
     mamba = [kind for kind in kinds if kind != "attn"]
     problems = [f"{len(mamba)} of its {len(kinds)} blocks are Mamba ({', '.join(sorted(set(mamba)))}; a PixArt "
                 "transformer has self-attention blocks only: layout 'dit')"] if mamba else []
