@@ -221,8 +221,9 @@ def test_mamba_ratio_places_blocks_as_the_release(depth, ratio, expected):
     assert mamba_positions(depth, ratio) == expected
     if depth <= 8:
         model = tiny_backbone("dimba_l2", depth=depth, mamba_ratio=ratio)
+        # in execution order: the k-th Mamba block follows PixArt block p, with k Mamba blocks before it
         assert [i for i, kind in enumerate(model.block_kinds) if kind == "bimamba"] == [
-            p + k + 1 for k, p in enumerate(expected)]  # in execution order: after PixArt block p, k Mamba blocks before
+            p + k + 1 for k, p in enumerate(expected)]
 
 
 @pytest.mark.parametrize("ratio,count", [(0.3, 8), (0.75, 21), (0.0, 0), (1.5, 0)])
@@ -274,7 +275,8 @@ def test_released_dimba_in_bf16_autocast():
     model = tiny_backbone("dimba_l2")
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    args = (torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 16, 32),
+            torch.ones(2, 16, dtype=torch.bool))
     reference = model(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*args)

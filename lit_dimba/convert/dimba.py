@@ -64,7 +64,8 @@ def dimba_config(state: dict[str, torch.Tensor], num_heads: int | None = None, b
     d_inner, d_state = state[MIXER + "A_log"].shape
     if state[MIXER + "in_proj.weight"].shape != (2 * d_inner, hidden) or d_inner % hidden:
         raise ConfigError(f"the Mamba blocks' in_proj is {tuple(state[MIXER + 'in_proj.weight'].shape)}, not "
-                          f"(2 * expand * {hidden}, {hidden}) with A_log {(d_inner, d_state)}: not the released Dimba's")
+                          f"(2 * expand * {hidden}, {hidden}) with A_log {(d_inner, d_state)}: not the released "
+                          "Dimba's")
     mamba1 = dict(d_state=d_state, d_conv=state[MIXER + "conv1d.weight"].shape[-1], expand=d_inner // hidden,
                   dt_rank=state[MIXER + "dt_proj.weight"].shape[1])
     return {**config, "after_each_block": ["bimamba"], "mamba_ratio": mamba_blocks / depth, "mamba1": mamba1}

@@ -133,10 +133,10 @@ class BiMamba(nn.Module):
         available = x.is_cuda and self._has_kernel
         if self.kernel == "mamba_ssm" and not available:
             raise ConfigError(
-                f"BiMamba kernel='mamba_ssm' runs mamba-ssm's selective_scan_fn, which needs a CUDA input and mamba-ssm "
-                f"with its compiled selective_scan_cuda extension (pip install -e '.[gpu]'); got a {x.device.type} "
-                f"input and the kernel {'built' if self._has_kernel else 'not built'}. Set mamba1.kernel to 'auto' "
-                "(the kernel where it can run, else PyTorch) or 'torch'")
+                f"BiMamba kernel='mamba_ssm' runs mamba-ssm's selective_scan_fn, which needs a CUDA input and "
+                f"mamba-ssm with its compiled selective_scan_cuda extension (pip install -e '.[gpu]'); got a "
+                f"{x.device.type} input and the kernel {'built' if self._has_kernel else 'not built'}. Set "
+                "mamba1.kernel to 'auto' (the kernel where it can run, else PyTorch) or 'torch'")
         return available
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
