@@ -1,11 +1,14 @@
 """Dimba as released: a random stand-in with the release's tensor names and shapes converts with every tensor in its
-place (``python -m lit_dimba.convert``, ``init_weights``), and bad ones are named."""
+place (``python -m lit_dimba.convert``, ``init_weights``), bad ones are named, and configs/dimba_l_512.yaml
+fine-tunes from the stand-in files at its paths."""
 
 import math
+import os
 
 import pytest
 import torch
 import yaml
+from diffusers import AutoencoderKL
 
 from lit_dimba.checkpoints import load_backbone_state
 from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
@@ -14,6 +17,10 @@ from lit_dimba.convert.__main__ import main as convert_main
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.backbone import Backbone
 from lit_dimba.modules import DiffusionModule
+from main import main
+from tests.conftest import ROOT
+from tests.test_conditioning import TINY_VAE_CONFIG
+from tests.test_sources import image_folder
 
 WIDTH, CAPTION, TOKENS, D_STATE, DT_RANK = 16, 32, 6, 4, 3
 
@@ -94,7 +101,8 @@ def test_every_tensor_lands_in_its_place(tmp_path, depth, mamba_blocks):
     assert all(torch.equal(state[ours], release[theirs]) for ours, theirs in expected.items())
     assert config["after_each_block"] == ["bimamba"] and math.isclose(config["mamba_ratio"], mamba_blocks / depth)
     assert config["mamba1"] == dict(d_state=D_STATE, d_conv=4, expand=2, dt_rank=DT_RANK)
-    assert (config["depth"], config["hidden_size"], config["num_heads"], config["token_num"]) == (depth, WIDTH, 16, TOKENS)
+    sizes = (config["depth"], config["hidden_size"], config["num_heads"], config["token_num"])
+    assert sizes == (depth, WIDTH, 16, TOKENS)
     assert config["base_size"] == 4 and config["pe_interpolation"] == 4 / 32 and config["learn_sigma"]
     backbone = Backbone.from_config({**config, "num_heads": 2})
     backbone.load_state_dict(state)  # strict: every tensor filled, none left over
@@ -107,8 +115,8 @@ def test_missing_unknown_and_misshapen_tensors_are_named(tmp_path):
     release["mamba_blocks.0.mixer.in_proj.bias"] = torch.zeros(64)
     release["blocks.1.mlp.fc2.bias"] = torch.zeros(5)
     torch.save({"state_dict": release}, tmp_path / "bad.pt")
-    with pytest.raises(ConfigError, match=r"bad\.pt'.*2 PixArt blocks and 2 Mamba blocks.*"
-                                          r"missing: blocks\.0\.attn\.proj\.bias, mamba_blocks\.1\.mixer\.x_proj_b\.weight;"
+    with pytest.raises(ConfigError, match=r"bad\.pt'.*2 PixArt blocks and 2 Mamba blocks.*missing: "
+                                          r"blocks\.0\.attn\.proj\.bias, mamba_blocks\.1\.mixer\.x_proj_b\.weight;"
                                           r".*not the released Dimba's: mamba_blocks\.0\.mixer\.in_proj\.bias;"
                                           r".*other shapes: blocks\.1\.mlp\.fc2\.bias \(5,\) \(expected \(16,\)\)"):
         convert_released(str(tmp_path / "bad.pt"))
@@ -134,3 +142,29 @@ def test_command_and_init_weights_read_the_release(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"mamba_ratio 1\.5 with depth 2"):
         convert_main([str(tmp_path / "three.pt"), str(tmp_path / "export3")])
 
+
+DIMBA_512 = os.path.join(ROOT, "configs", "dimba_l_512.yaml")
+
+
+def test_fine_tune_config_names_every_missing_file(in_tmp):
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", DIMBA_512])
+    message = str(error.value)
+    expected = ["./pretrained/dimba-l-512.pt", "./pretrained/t5-v1_1-xxl", "./pretrained/sdxl-vae", "./data/images"]
+    assert message.startswith(f"error: {len(expected)} path(s) of the config do not exist") and "\n" not in message
+    assert all(path in message for path in expected) and "model.init_args.init_weights" in message
+
+
+def test_fine_tune_from_the_released_files(in_tmp):
+    """configs/dimba_l_512.yaml with tiny stand-ins at its paths: two steps from the converted weights."""
+    os.makedirs("pretrained")
+    release = write_release("pretrained/dimba-l-512.pt", 2, 2)
+    TinyT5TextEncoder(d_model=CAPTION, max_length=TOKENS).save_pretrained("pretrained/t5-v1_1-xxl")
+    AutoencoderKL.from_config(TINY_VAE_CONFIG).save_pretrained("pretrained/sdxl-vae")
+    image_folder("data/images", n=6, column="text")
+    main(["fit", "--config", DIMBA_512, "--config", os.path.join(ROOT, "tests", "configs", "tiny_dimba.yaml")])
+    checkpoint = torch.load("runs/dimba_l_512/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["backbone_config"]["after_each_block"] == ["bimamba"]
+    trained = checkpoint["state_dict"]["model.blocks.1.mixer.in_proj.weight"]
+    assert trained.shape == release["mamba_blocks.0.mixer.in_proj.weight"].shape
+    assert 0 < (trained - release["mamba_blocks.0.mixer.in_proj.weight"]).abs().max() < 0.01  # fine-tuned from it
