@@ -49,10 +49,13 @@ def in_kernel_layout(u, delta, A, B, C, D, delta_bias, z):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 16, 64])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_scan_matches_recurrence_in_float64(chunk_size, groups):
+@pytest.mark.parametrize("segment", [4096, 8, 5])
+def test_scan_matches_recurrence_in_float64(chunk_size, groups, segment):
+    """In one segment, and in segments of 8 or 5 steps (a sequence longer than ``segment`` is scanned segment by
+    segment, each from the state the one before left)."""
     inputs = scan_inputs(g=groups)
     expected = recurrence(*in_kernel_layout(*inputs)).transpose(1, 2)
-    got = selective_scan_reference(*inputs, chunk_size)
+    got = selective_scan_reference(*inputs, chunk_size, segment)
     assert got.shape == (2, 13, 6) and got.dtype == torch.float64
     assert ((got - expected).norm() / expected.norm()).item() < 1e-12
 
@@ -60,7 +63,7 @@ def test_scan_matches_recurrence_in_float64(chunk_size, groups):
 def test_scan_gradients_match_recurrence():
     inputs = [t.requires_grad_() for t in scan_inputs(l=11)]
     weights = torch.randn(2, 11, 6, dtype=torch.float64)
-    (selective_scan_reference(*inputs, 4) * weights).sum().backward()
+    (selective_scan_reference(*inputs, 4, segment=7) * weights).sum().backward()
     ours = [t.grad.clone() for t in inputs]
     for t in inputs:
         t.grad = None

@@ -155,6 +155,9 @@ def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Ten
             ).flatten(-2).to(y.dtype)
 
 
+SCAN_SEGMENT = 4096  # steps of a Mamba-1 sequence scanned at once by the PyTorch form (``selective_scan_reference``)
+
+
 def _shifted(x: torch.Tensor, step: int, dim: int) -> torch.Tensor:
     """x moved ``step`` places along ``dim`` (>= 0) towards higher indices, zeros coming in at the front."""
     return F.pad(x.narrow(dim, 0, x.shape[dim] - step), [0, 0] * (x.dim() - 1 - dim) + [step, 0])
@@ -179,42 +182,66 @@ def linear_scan(log_decay: torch.Tensor, inputs: torch.Tensor, dim: int) -> tupl
 
 def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                              C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, z: torch.Tensor,
-                             chunk_size: int) -> torch.Tensor:
+                             chunk_size: int, segment: int = SCAN_SEGMENT) -> torch.Tensor:
     """Mamba-1's selective scan as mamba-ssm's ``selective_scan_fn`` computes it (``delta_softplus=True``, with D
     and z), in PyTorch: for each channel k and state index i,
 
         dt_t = softplus(delta_t + delta_bias),  h_t[k, i] = exp(dt_t[k] A[k, i]) h_{t-1}[k, i] + dt_t[k] B_t[i] u_t[k],
         out_t[k] = (sum_i C_t[i] h_t[k, i] + D[k] u_t[k]) * silu(z_t[k]),
 
-    with B and C of channel k from its group k // (d / g).
+    from h_{-1} = 0, with B and C of channel k from its group k // (d / g).
 
     u, delta, z: (b, l, d); A: (d, n) negative rates; B, C: (b, l, g, n); D, delta_bias: (d,); chunk_size: T.
     Returns (b, l, d) in u.dtype, computed in at least float32.
 
-    Chunked: within each chunk of T steps every state is found at once (``linear_scan``, log2 T steps over all
-    chunks together) from a zero start; the states the chunks leave are then carried from chunk to chunk by the
-    same scan over the c chunks, and the state entering a chunk reaches its step t through the cumulative
-    log-decay of the steps before (exp of a sum of log-decays, <= 1). Any l works (zero-padded to a multiple of T
-    at the end, which no real step sees). Memory: a few (b, l, d, n) float32 tensors.
+    Every step of a segment of up to ``segment`` steps is computed at once (``scan_segment``, a few (b, segment, d,
+    n) tensors at a time); longer sequences are scanned segment after segment, each starting from the state the one
+    before left, so that memory stays bounded.
     """
     in_dtype, dtype = u.dtype, torch.promote_types(u.dtype, torch.float32)
     b, l, d = u.shape
     g, n = B.shape[-2:]
-    T, pad = chunk_size, -l % chunk_size
-    c = (l + pad) // T
     u, delta, z, B, C = (t.to(dtype) for t in (u, delta, z, B, C))
     dt = F.softplus(delta + delta_bias.to(dtype))
-    # channels as (g, d / g) so that B and C broadcast over a group; the state dimension n last
-    log_decay = dt.unflatten(-1, (g, -1))[..., None] * A.to(dtype).unflatten(0, (g, -1))  # (b, l, g, r, n)
-    inputs = (dt * u).unflatten(-1, (g, -1))[..., None] * B[:, :, :, None]  # (b, l, g, r, n)
-    log_decay, inputs = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)).unflatten(1, (c, T)) for t in (log_decay, inputs))
-    states, lead_in = linear_scan(log_decay, inputs, dim=2)  # (b, c, T, g, r, n), from zero at each chunk start
-    carried, _ = linear_scan(lead_in[:, :, -1], states[:, :, -1], dim=1)  # (b, c, g, r, n): state after chunk k
-    states = states + torch.exp(lead_in) * _shifted(carried, 1, dim=1)[:, :, None]  # + the state entering the chunk
-    C = F.pad(C, (0, 0, 0, 0, 0, pad)).unflatten(1, (c, T))  # (b, c, T, g, n)
-    y = torch.einsum("bctgrn,bctgn->bctgr", states, C).reshape(b, c * T, d)[:, :l]
+    A = A.to(dtype).unflatten(0, (g, -1))  # (g, r, n): channels as (g, d / g), so that B and C broadcast over a group
+    state = u.new_zeros(b, g, d // g, n)
+    ys = []
+    for start in range(0, l, segment):
+        steps = slice(start, start + segment)
+        y, state = scan_segment(dt[:, steps], u[:, steps], A, B[:, steps], C[:, steps], state, chunk_size)
+        ys.append(y)
+    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
     return ((y + u * D.to(dtype)) * F.silu(z)).to(in_dtype)
 
+
+def scan_segment(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``selective_scan_reference``'s scan over one segment, from ``state``: dt (steps after softplus), u: (b, l, d);
+    A: (g, r, n) with r = d / g; B, C: (b, l, g, n); state: (b, g, r, n), the state before the first step.
+    Returns (y (b, l, d), without the D skip and the gate; the state after the last step (b, g, r, n)).
+
+    Chunked: within each chunk of T steps every state is found at once from a zero start (``linear_scan``, log2 T
+    steps over all chunks together); the states the chunks leave are then carried from chunk to chunk by the same
+    scan over the c chunks, and the state entering a chunk (with ``state`` decayed through the chunks before)
+    reaches its step t through the cumulative log-decay of the steps before (exp of a sum of log-decays, <= 1).
+    Any l works (zero-padded to a multiple of T at the end, which no real step sees and which leaves the state as
+    it is).
+    """
+    b, l, g, n = B.shape
+    T, pad = chunk_size, -l % chunk_size
+    c = (l + pad) // T
+    log_decay = dt.unflatten(-1, (g, -1))[..., None] * A  # (b, l, g, r, n)
+    inputs = (dt * u).unflatten(-1, (g, -1))[..., None] * B[:, :, :, None]  # (b, l, g, r, n)
+    if pad:
+        log_decay, inputs = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (log_decay, inputs))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    states, lead_in = linear_scan(log_decay.unflatten(1, (c, T)), inputs.unflatten(1, (c, T)), dim=2)
+    # chunk k's end state from zero, and the log-decay through chunks 0..k: (b, c, g, r, n)
+    carried, through = linear_scan(lead_in[:, :, -1], states[:, :, -1], dim=1)
+    entering = _shifted(carried, 1, dim=1) + torch.exp(_shifted(through, 1, dim=1)) * state[:, None]
+    states = states + torch.exp(lead_in) * entering[:, :, None]  # (b, c, T, g, r, n)
+    y = torch.einsum("bctgrn,bctgn->bctgr", states, C.unflatten(1, (c, T))).reshape(b, c * T, -1)[:, :l]
+    return y, carried[:, -1] + torch.exp(through[:, -1]) * state
 
 # ---------------------------------------------------------------------------------------------- CUDA kernels
 @functools.cache
