@@ -18,7 +18,7 @@ def test_hybrid_gpu_script_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(results.read_text())
     latency = {(r["preset"], r["size"]): r for r in rows["latency"]}
-    assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md") for s in ("64x64", "128x64")}
+    assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
     assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
     (train,) = rows["train"]
