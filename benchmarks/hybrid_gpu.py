@@ -27,6 +27,7 @@ Warm-up: every compiled graph, Triton autotuning and CUDA graph is built before 
 
     python benchmarks/hybrid_gpu.py                          # everything, one H200 (about 15 min)
     python benchmarks/hybrid_gpu.py --parts check latency sample profile
+    python benchmarks/hybrid_gpu.py --parts latency --presets dit-xl/2 t2md dimba-l/2 --sizes 512 1024 2048
     python benchmarks/hybrid_gpu.py --parts train distill
     python benchmarks/hybrid_gpu.py --device cpu --tiny      # smoke test of the script itself
 """
@@ -536,8 +537,9 @@ def main():
     parts = {"check": check, "latency": latency, "sample": sample, "profile": profile, "train": train,
              "distill": distill}
     parser.add_argument("--parts", nargs="+", default=list(parts), choices=list(parts))
-    parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md", "dimba-l/2"],
-                        help="backbones; the first (the DiT) is compared with each of the others")
+    parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md"],
+                        help="backbones (e.g. add dimba-l/2, the released Dimba); the first (the DiT) is compared "
+                             "with each of the others")
     parser.add_argument("--sizes", nargs="+", default=["512", "1024", "2048", "3840x2160", "4096"],
                         help="latency image sizes, WIDTHxHEIGHT or one number for a square")
     parser.add_argument("--modes", nargs="+", default=["eager", "best"], choices=["eager", "best"])

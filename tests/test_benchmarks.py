@@ -12,7 +12,8 @@ def test_hybrid_gpu_script_smoke(tmp_path):
     results = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
-         "--parts", "latency", "train", "distill", "--sizes", "64", "128x64", "--modes", "eager", "--iters", "1",
+         "--parts", "latency", "train", "distill", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
+         "128x64", "--modes", "eager", "--iters", "1",
          "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results", str(results)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
