@@ -47,14 +47,15 @@ def is_dimba(state: dict[str, torch.Tensor]) -> bool:
     return any(name.startswith("mamba_blocks.") for name in state)
 
 
-def dimba_config(state: dict[str, torch.Tensor], num_heads: int | None = None, base_size: int | None = None,
-                 pe_interpolation: float | None = None) -> dict:
-    """Our ``Backbone`` arguments for the release's tensors (``state``, its own names), sizes read from their
-    shapes; ``num_heads``, ``base_size`` and ``pe_interpolation`` override what is assumed or read (module
-    docstring)."""
+def dimba_config(state: dict[str, torch.Tensor], source: str, num_heads: int | None = None,
+                 base_size: int | None = None, pe_interpolation: float | None = None) -> dict:
+    """Our ``Backbone`` arguments for the release's tensors (``state``, its own names, read from ``source``), sizes
+    read from their shapes; ``num_heads``, ``base_size`` and ``pe_interpolation`` override what is assumed or read
+    (module docstring)."""
     absent = [name for name in REQUIRED if name not in state]
     if absent:
-        raise ConfigError(f"these Dimba weights lack {describe_names(absent)}, which every Dimba checkpoint has")
+        raise ConfigError(f"{source!r}: these Dimba weights lack {describe_names(absent)}, which every Dimba "
+                          "checkpoint has")
     if base_size is None:
         pos_embed = state.get("pos_embed")  # (1, base_size ** 2, width)
         base_size = math.isqrt(pos_embed.shape[1]) if pos_embed is not None else 32
@@ -62,10 +63,10 @@ def dimba_config(state: dict[str, torch.Tensor], num_heads: int | None = None, b
     depth, hidden = config["depth"], config["hidden_size"]
     mamba_blocks = len({name.split(".")[1] for name in state if name.startswith("mamba_blocks.")})
     d_inner, d_state = state[MIXER + "A_log"].shape
-    if state[MIXER + "in_proj.weight"].shape != (2 * d_inner, hidden) or d_inner % hidden:
-        raise ConfigError(f"the Mamba blocks' in_proj is {tuple(state[MIXER + 'in_proj.weight'].shape)}, not "
-                          f"(2 * expand * {hidden}, {hidden}) with A_log {(d_inner, d_state)}: not the released "
-                          "Dimba's")
+    in_proj = tuple(state[MIXER + "in_proj.weight"].shape)
+    if in_proj != (2 * d_inner, hidden) or d_inner % hidden:
+        raise ConfigError(f"{source!r}: the Mamba blocks' in_proj is {in_proj}, not (2 * expand * {hidden}, {hidden}) "
+                          f"with A_log {(d_inner, d_state)}: not the released Dimba's")
     mamba1 = dict(d_state=d_state, d_conv=state[MIXER + "conv1d.weight"].shape[-1], expand=d_inner // hidden,
                   dt_rank=state[MIXER + "dt_proj.weight"].shape[1])
     return {**config, "after_each_block": ["bimamba"], "mamba_ratio": mamba_blocks / depth, "mamba1": mamba1}
@@ -89,9 +90,14 @@ def convert_dimba_state(state: dict[str, torch.Tensor], source: str, num_heads: 
     Every tensor must find its place and every backbone tensor must be filled, with the same shape: otherwise a
     ConfigError names them by the release's names (``source`` says which file).
     """
-    config = dimba_config(state, num_heads, base_size, pe_interpolation)
-    with torch.device("meta"):  # where each block goes, and every tensor's name and shape, nothing allocated
-        backbone = Backbone.from_config(config)
+    config = dimba_config(state, source, num_heads, base_size, pe_interpolation)
+    try:
+        with torch.device("meta"):  # where each block goes, and every tensor's name and shape, nothing allocated
+            backbone = Backbone.from_config(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source!r} holds {round(config['mamba_ratio'] * config['depth'])} Mamba blocks for "
+                          f"{config['depth']} PixArt blocks, which the released Dimba cannot arrange: {error}"
+                          ) from error
     kinds = backbone.block_kinds
     pixart = [k for k, kind in enumerate(kinds) if kind != "bimamba"]
     mamba = [k for k, kind in enumerate(kinds) if kind == "bimamba"]
