@@ -24,7 +24,8 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 # Options that name files or folders, and what belongs there. ``pretrained`` may also be a hub id.
 PATH_OPTIONS = {
     "pretrained": "a Hugging Face model folder (config.json + weights; a hub id works when it is cached)",
-    "init_weights": "backbone weights: a .ckpt of ours, an export folder, or PixArt-alpha weights (.pth or diffusers folder)",
+    "init_weights": "backbone weights: a .ckpt of ours, an export folder, PixArt-alpha weights (.pth or diffusers "
+                    "folder) or Dimba's (.pt)",
     "teacher_checkpoint": "the teacher's weights: a .ckpt of ours, an export folder, or PixArt-alpha weights",
     "init_student": "a .ckpt of the previous distillation stage or an export folder",
     "root": "the image folder",

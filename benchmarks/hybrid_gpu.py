@@ -9,7 +9,10 @@ Parts (``--parts``, default all; they run in the order given):
   latency  per denoising step (batch 1, one forward, bf16 weights, no CFG doubling) of each ``--presets`` backbone
            at each ``--sizes`` (pixels, SD-VAE f8 latents, patch 2): eager, and the best setting (blocks
            compiled, the forward replayed from a CUDA graph); median of ``--iters`` timed calls after warm-up,
-           and the DiT / t2md ratio against the issue's targets.
+           and the DiT's time over each other backbone's (t2md's against the issue's targets). dimba-l/2, the
+           released Dimba, is the DiT's 28 blocks with a bidirectional Mamba-1 block after each (and 300 text
+           tokens): its time over the DiT's is what its Mamba blocks cost, with mamba-ssm's selective-scan kernel
+           where its CUDA extension is built, else the PyTorch scan (the script says which).
   sample   one CFG denoising step through ``DiffusionModule.generate`` (bf16 autocast, compiled blocks, both CFG
            branches in one batch, the scheduler step included), with and without ``sampling.cuda_graph``.
   profile  the GPU kernels of one compiled t2md forward at 2048^2, grouped, the top ones listed.
@@ -24,6 +27,7 @@ Warm-up: every compiled graph, Triton autotuning and CUDA graph is built before 
 
     python benchmarks/hybrid_gpu.py                          # everything, one H200 (about 15 min)
     python benchmarks/hybrid_gpu.py --parts check latency sample profile
+    python benchmarks/hybrid_gpu.py --parts latency --presets dit-xl/2 t2md dimba-l/2 --sizes 512 1024 2048
     python benchmarks/hybrid_gpu.py --parts train distill
     python benchmarks/hybrid_gpu.py --device cpu --tiny      # smoke test of the script itself
 """
@@ -51,7 +55,8 @@ from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.models.backbone import Backbone, MambaConfig
 from lit_dimba.models.mamba import Mamba2, Scan2D
 from lit_dimba.modules import DiffusionModule, DistillModule, Sampling
-from shared import TINY_F8_VAE, backbone_file, table  # benchmarks/shared.py, beside this script
+from lit_dimba.models.mamba_ops import selective_scan_kernel
+from shared import TINY_F8_VAE, backbone_arguments, backbone_file, table  # benchmarks/shared.py, beside this script
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the issue's yardstick
 # target DiT time / t2md time per step (issue [1/7]); at 512^2 and 1024^2 a floor of the ratio too
@@ -111,12 +116,14 @@ def median_ms(fn, device: str, iters: int, warmup: int = 2) -> float:
 
 
 def build(preset: str, tiny: bool, **overrides) -> Backbone:
-    """The backbone of ``configs/backbones/`` named ``preset`` (e.g. "dit-xl/2", "t2md"); with ``tiny``, 3 blocks of
-    width 64 (attention, HM, WM for the hybrids)."""
+    """The backbone of ``configs/backbones/`` named ``preset`` (e.g. "dit-xl/2", "t2md", "dimba-l/2"); with ``tiny``,
+    3 PixArt blocks of width 64 (attention, HM, WM for the hybrid mixer layouts; each with its Mamba blocks after it
+    for the Dimba ones)."""
     if tiny:
         small = dict(depth=3, hidden_size=64, num_heads=2, caption_channels=32, token_num=16)
         if preset != "dit-xl/2":
             small["mamba"] = MambaConfig(d_state=16, headdim=16, chunk_size=32)
+        if backbone_arguments(preset)["layout"] != "dit":
             small["layout"] = ["attn", "mamba_h", "mamba_w"]
         overrides = {**small, **overrides}
     return Backbone.from_file(backbone_file(preset), **overrides)
@@ -297,21 +304,23 @@ def latency(args) -> str:
                     torch.cuda.empty_cache()
         model = None  # freed before the next backbone is built (the timed closures above are done with it)
     out = table(["backbone", "mode", "image", "tokens", "ms / step (median)"], rows)
-    if len(args.presets) >= 2:
-        dit, hybrid = args.presets[:2]
-        ratio_rows = []
+    dit = args.presets[0]
+    ratio_rows = []
+    for hybrid in args.presets[1:]:
         for mode in args.modes:
             for size in sizes:
                 label = f"{size[1]}x{size[0]}"
                 if (dit, mode, label) in results and (hybrid, mode, label) in results:
-                    ratio = results[(dit, mode, label)] / results[(hybrid, mode, label)]
-                    target = TARGETS.get(label)
-                    verdict = "-" if target is None or mode != "best" else ("met" if ratio >= target else "missed")
-                    ratio_rows.append([mode, label, f"{results[(dit, mode, label)]:.2f}",
-                                       f"{results[(hybrid, mode, label)]:.2f}", f"{ratio:.2f}x",
+                    dit_ms, hybrid_ms = results[(dit, mode, label)], results[(hybrid, mode, label)]
+                    target = TARGETS.get(label) if hybrid == "t2md" else None
+                    verdict = "-" if target is None or mode != "best" else (
+                        "met" if dit_ms / hybrid_ms >= target else "missed")
+                    ratio_rows.append([hybrid, mode, label, f"{dit_ms:.2f}", f"{hybrid_ms:.2f}",
+                                       f"{dit_ms / hybrid_ms:.2f}x", f"{hybrid_ms - dit_ms:+.2f}",
                                        f"{target}x" if target else "-", verdict])
-        out += "\n\n" + table(["mode", "image", f"{dit} ms", f"{hybrid} ms", f"{dit} / {hybrid}", "target", ""],
-                              ratio_rows)
+    if ratio_rows:
+        out += "\n\n" + table(["backbone", "mode", "image", f"{dit} ms", "backbone ms", f"{dit} / backbone",
+                                "ms over the DiT", "target", ""], ratio_rows)
     return out
 
 
@@ -529,7 +538,8 @@ def main():
              "distill": distill}
     parser.add_argument("--parts", nargs="+", default=list(parts), choices=list(parts))
     parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md"],
-                        help="backbones; the first two are compared (DiT first)")
+                        help="backbones (e.g. add dimba-l/2, the released Dimba); the first (the DiT) is compared "
+                             "with each of the others")
     parser.add_argument("--sizes", nargs="+", default=["512", "1024", "2048", "3840x2160", "4096"],
                         help="latency image sizes, WIDTHxHEIGHT or one number for a square")
     parser.add_argument("--modes", nargs="+", default=["eager", "best"], choices=["eager", "best"])
@@ -551,8 +561,11 @@ def main():
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     torch.set_float32_matmul_precision("high")
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
-          flush=True)
+    scan = "mamba-ssm's CUDA kernel" if selective_scan_kernel() else "PyTorch (mamba-ssm's selective_scan_cuda " \
+        "not built)"
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
+          f"Mamba-1 selective scan (dimba-l/2): {scan}", flush=True)
+    record("setup", {"torch": torch.__version__, "mamba1_scan": scan})
     tables = []
     for part in dict.fromkeys(args.parts):  # in the order given
         if part in parts:

@@ -5,8 +5,8 @@ Weights are read from
 - a Lightning checkpoint written by any of our modules (``.ckpt``): the ``model.*`` tensors, with the EMA
   callback's average swapped in when asked and present;
 - an export folder or ``.safetensors`` file written by ``export_backbone`` or the PixArt converter;
-- PixArt-alpha's released weights (original ``.pth`` or a diffusers folder), converted on load
-  (``lit_dimba.convert.pixart``).
+- PixArt-alpha's released weights (original ``.pth`` or a diffusers folder) and the released Dimba's (original
+  ``.pt``), converted on load (``lit_dimba.convert``).
 
 An export folder holds ``model.safetensors`` (the backbone's tensors), ``backbone.yaml`` (its
 ``class_path``/``init_args``, ready to paste under ``model.init_args.backbone`` of a config) and ``student.ckpt``
@@ -24,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_dimba.convert.pixart import convert_pixart, diffusers_config, is_pixart, write_diffusers
+from lit_dimba.convert import convert_released, is_released
+from lit_dimba.convert.pixart import diffusers_config, write_diffusers
 from lit_dimba.errors import ConfigError, describe_names
 
 MODEL_PREFIX = "model."
@@ -68,9 +69,9 @@ def backbone_state(checkpoint: dict, ema: bool, source: str = "the checkpoint") 
 
 def load_backbone_state(path: str, ema: bool = True) -> dict[str, torch.Tensor]:
     """Backbone tensors from a ``.ckpt`` (EMA weights when ``ema`` and present), a ``.safetensors`` file, an
-    export folder, or PixArt-alpha weights (``.pth`` or a diffusers folder)."""
-    if is_pixart(path):
-        return convert_pixart(path, ema)[0]
+    export folder, or released weights (PixArt-alpha's ``.pth`` or diffusers folder, Dimba's ``.pt``)."""
+    if is_released(path):
+        return convert_released(path, ema)[0]
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     if path.endswith(".safetensors"):

@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.backbone import Backbone, Block, MambaLayer
+from lit_dimba.models.backbone import Backbone, BiMambaBlock, Block, MambaLayer
 
-BLOCKS = (Block, MambaLayer)
+BLOCKS = (Block, MambaLayer, BiMambaBlock)
 # Sharding strategies that do not re-shard after forward (ZeRO-2 style).
 KEEP_GATHERED = ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2")
 

@@ -12,13 +12,14 @@ def test_hybrid_gpu_script_smoke(tmp_path):
     results = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
-         "--parts", "latency", "train", "distill", "--sizes", "64", "128x64", "--modes", "eager", "--iters", "1",
+         "--parts", "latency", "train", "distill", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
+         "128x64", "--modes", "eager", "--iters", "1",
          "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results", str(results)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(results.read_text())
     latency = {(r["preset"], r["size"]): r for r in rows["latency"]}
-    assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md") for s in ("64x64", "128x64")}
+    assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
     assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
     (train,) = rows["train"]

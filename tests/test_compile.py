@@ -43,6 +43,31 @@ def test_compiled_hybrid_equals_eager():
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
 
 
+def test_compiled_released_dimba_equals_eager():
+    """PyTorch selective scan, traced by Dynamo and AOTAutograd: the release's layout (a PixArt block, then its
+    bidirectional Mamba-1 block with the separate residual stream), outputs and gradients, with no graph break.
+    (The aot_eager backend traces as inductor does without generating code; with inductor it takes 20 s here.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = randomised(tiny_backbone("dimba_l2", depth=1))
+    compiled = randomised(tiny_backbone("dimba_l2", depth=1))
+    compiled.compile_blocks(backend="aot_eager")
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([3, 700])
+    y, mask = torch.randn(2, 16, 32), torch.arange(16).expand(2, 16) < torch.tensor([[9], [16]])
+    outputs = []
+    for model in (eager, compiled):
+        out = model(x, t, y, mask)
+        out.square().mean().backward()
+        outputs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (out_e, grads_e), (out_c, grads_c) = outputs
+    assert out_e.abs().mean() > 0.1 and (out_c - out_e).norm() <= 1e-5 * out_e.norm()
+    for name, grad in grads_e.items():
+        assert (grads_c[name] - grad).norm() <= 1e-3 * grad.norm(), name
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_compile_option_through_fit_test_predict(in_tmp):
     """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no
     code, so the test stays quick) and every stage runs through them."""

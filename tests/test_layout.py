@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
-from lit_dimba.models.backbone import Backbone, Block, MambaLayer
+from lit_dimba.models.backbone import Backbone, BiMambaBlock, Block, MambaLayer
 from lit_dimba.models.mamba import Scan2D
 from lit_dimba.modules import DiffusionModule, DistillModule
 from main import main
@@ -50,7 +50,7 @@ def test_config_is_every_constructor_argument():
     assert model.config["mamba"]["d_state"] == 16 and model.config["layout"] == "t2md"
 
 
-@pytest.mark.parametrize("name", ["dit_xl2", "dimba_l2", "t2md"])
+@pytest.mark.parametrize("name", ["dit_xl2", "dimba_l2", "dimba_mamba2_l2", "t2md"])
 def test_checkpoint_config_rebuilds_the_identical_backbone(name):
     """What a checkpoint saves as ``backbone_config`` (through YAML, as exported) rebuilds a backbone that, with
     the saved weights, computes the same output."""
@@ -105,12 +105,14 @@ def test_every_backbone_file_builds():
             model = Backbone.from_file(path)
         sizes[os.path.basename(path)] = (len(model.blocks), sum(p.numel() for p in model.parameters()))
     assert sizes["dit_xl2.yaml"] == (28, 610_856_096)
-    assert sizes["dimba_l2.yaml"][0] == 48 and sizes["t2md.yaml"][0] == sizes["mamba_xl2.yaml"][0] == 28
-    assert set(sizes) == {"demo_dit.yaml", "demo_hybrid.yaml", "dimba_l2.yaml", "dit_xl2.yaml", "mamba_xl2.yaml",
-                          "t2md.yaml"}
-    dimba = Backbone.from_file(os.path.join(BACKBONES, "dimba_l2.yaml"), depth=1, hidden_size=32, num_heads=2,
-                               caption_channels=8, token_num=4)
-    assert [type(block) for block in dimba.blocks] == [Block, MambaLayer]
+    assert sizes["dimba_l2.yaml"] == (56, 859_517_600) and sizes["dimba_mamba2_l2.yaml"][0] == 48
+    assert sizes["t2md.yaml"][0] == sizes["mamba_xl2.yaml"][0] == 28
+    assert set(sizes) == {"demo_dit.yaml", "demo_hybrid.yaml", "dimba_l2.yaml", "dimba_mamba2_l2.yaml", "dit_xl2.yaml",
+                          "mamba_xl2.yaml", "t2md.yaml"}
+    for name, extra in (("dimba_l2.yaml", BiMambaBlock), ("dimba_mamba2_l2.yaml", MambaLayer)):
+        dimba = Backbone.from_file(os.path.join(BACKBONES, name), depth=1, hidden_size=32, num_heads=2,
+                                   caption_channels=8, token_num=4)
+        assert [type(block) for block in dimba.blocks] == [Block, extra]
 
 
 MODEL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [

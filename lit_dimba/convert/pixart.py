@@ -15,6 +15,9 @@ The null caption (``y_embedding``, PixArt's learned "empty caption" for classifi
 released formats (diffusers keeps it as ``caption_projection.y_embedding``, which its own model does not use); a
 folder written by diffusers' ``save_pretrained`` lacks it and is refused with that explanation.
 
+The released Dimba's files share the original format and PixArt's names for everything but the Mamba blocks
+(``lit_dimba.convert.dimba``); ``lit_dimba.convert.convert_released`` tells the two apart.
+
 Command line: ``python -m lit_dimba.convert SOURCE OUT`` writes an export folder (``model.safetensors`` +
 ``backbone.yaml``) that ``init_weights``, ``teacher_checkpoint`` and ``lit_dimba.checkpoints`` read. Those options
 also take the PixArt files directly: conversion is cheap, so it happens on load.
@@ -34,7 +37,7 @@ from diffusers import PixArtTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from lit_dimba.errors import ConfigError, describe_names
-from lit_dimba.models.backbone import Backbone, expand_layout
+from lit_dimba.models.backbone import Backbone
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The null caption: in the hub's weights files, but not a tensor of diffusers' model (its pipeline encodes "").
@@ -146,8 +149,8 @@ def diffusers_config(config: dict, sample_size: int | None = None) -> dict:
     """
     patch, base_size = config["patch_size"], config["base_size"]
     with torch.device("meta"):  # the config as the backbone reads it (older forms included), nothing allocated
-        config = Backbone.from_config(config).config
-    kinds = expand_layout(config["layout"], config["depth"]) + config["after_each_block"] * config["depth"]
+        backbone = Backbone.from_config(config)
+    config, kinds = backbone.config, backbone.block_kinds
     mamba = [kind for kind in kinds if kind != "attn"]
     problems = [f"{len(mamba)} of its {len(kinds)} blocks are Mamba ({', '.join(sorted(set(mamba)))}; a PixArt "
                 "transformer has self-attention blocks only: layout 'dit')"] if mamba else []
@@ -265,13 +268,31 @@ def read_diffusers_folder(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
     raise ConfigError(f"{folder!r} has no {' or '.join(DIFFUSERS_WEIGHTS)} (or their sharded index)")
 
 
-def is_pixart(path: str) -> bool:
-    """True if ``path`` looks like PixArt-alpha weights (a ``.pth``/``.pt``/``.bin`` file or a diffusers folder
-    of a PixArt transformer) rather than one of our checkpoints or exports."""
-    if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("", "transformer")) \
-            and not os.path.isfile(os.path.join(path, "backbone.yaml"))
-    return path.endswith((".pth", ".pt", ".bin"))
+def read_original(path: str, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a file in the original repositories' format (PixArt-alpha's, Dimba's): a ``torch.load``
+    file holding ``{"state_dict": ...}`` (``state_dict_ema`` too when saved in training: taken when ``ema``) or
+    the tensors themselves, or a ``.safetensors`` file of them."""
+    loaded = _load_tensors(path)
+    if "state_dict" in loaded or "state_dict_ema" in loaded:
+        loaded = loaded["state_dict_ema"] if ema and "state_dict_ema" in loaded else loaded["state_dict"]
+    return loaded
+
+
+def convert_original(loaded: dict[str, torch.Tensor], path: str, num_heads: int | None = None,
+                     base_size: int | None = None, pe_interpolation: float | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """PixArt-alpha's tensors in its own names (read from ``path``) -> (our backbone tensors, ``Backbone``
+    arguments); ``num_heads``, ``base_size``, ``pe_interpolation`` as for ``convert_pixart``."""
+    if "transformer_blocks.0.attn1.to_q.weight" in loaded:
+        raise ConfigError(f"{path!r} holds diffusers tensors; pass the folder with its config.json instead")
+    if "blocks.0.attn.qkv.weight" not in loaded:
+        raise ConfigError(f"{path!r} is not a PixArt-alpha checkpoint: it has no 'blocks.0.attn.qkv.weight' "
+                          f"(its first tensors: {describe_names(sorted(loaded))})")
+    converted = convert_original_state(loaded)
+    hidden = converted["x_embedder.proj.weight"].shape[0]
+    scale = 2.0 if "csize_embedder.mlp.0.weight" in converted else 1.0  # 1024-MS, else 512
+    return converted, backbone_config(converted, num_heads or max(hidden // PIXART_HEAD_DIM, 1),
+                                      base_size or int(32 * scale), pe_interpolation or scale)
 
 
 def convert_pixart(path: str, ema: bool = True, num_heads: int | None = None, base_size: int | None = None,
@@ -304,16 +325,4 @@ def convert_pixart(path: str, ema: bool = True, num_heads: int | None = None, ba
         heads = config.get("num_attention_heads", 16)
         return converted, backbone_config(converted, heads, sample_size // patch, float(scale))
 
-    loaded = _load_tensors(path)
-    if "state_dict" in loaded or "state_dict_ema" in loaded:
-        loaded = loaded["state_dict_ema"] if ema and "state_dict_ema" in loaded else loaded["state_dict"]
-    if "transformer_blocks.0.attn1.to_q.weight" in loaded:
-        raise ConfigError(f"{path!r} holds diffusers tensors; pass the folder with its config.json instead")
-    if "blocks.0.attn.qkv.weight" not in loaded:
-        raise ConfigError(f"{path!r} is not a PixArt-alpha checkpoint: it has no 'blocks.0.attn.qkv.weight' "
-                          f"(its first tensors: {describe_names(sorted(loaded))})")
-    converted = convert_original_state(loaded)
-    hidden = converted["x_embedder.proj.weight"].shape[0]
-    scale = 2.0 if "csize_embedder.mlp.0.weight" in converted else 1.0  # 1024-MS, else 512
-    return converted, backbone_config(converted, num_heads or max(hidden // PIXART_HEAD_DIM, 1),
-                                      base_size or int(32 * scale), pe_interpolation or scale)
+    return convert_original(read_original(path, ema), path, num_heads, base_size, pe_interpolation)

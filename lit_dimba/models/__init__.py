@@ -1,5 +1,5 @@
 """Networks: embeddings, attention, and the one layout-driven backbone."""
 
-from lit_dimba.models.backbone import Backbone, MambaConfig
+from lit_dimba.models.backbone import Backbone, Mamba1Config, MambaConfig
 
-__all__ = ["Backbone", "MambaConfig"]
+__all__ = ["Backbone", "Mamba1Config", "MambaConfig"]

@@ -7,8 +7,11 @@ block adds its own learned ``scale_shift_table``). Its layout is two pieces of d
 - ``layout``: the token mixer of each PixArt block, a name of ``MIXERS`` (``attn``: self-attention, DiT /
   PixArt-alpha; ``mamba_h`` / ``mamba_w``: a 2-D Mamba-2 scan, height- or width-first, T2MD), given as a list or
   as a named pattern (``expand_layout``);
-- ``after_each_block``: the blocks that follow every PixArt block, names of ``EXTRA_BLOCKS`` (``mamba_layer``:
-  Dimba's ``x + scan(norm(x))``, with no time or text conditioning). Empty for DiT and T2MD.
+- ``after_each_block``: the blocks that follow a PixArt block, names of ``EXTRA_BLOCKS``: ``bimamba``, the
+  released Dimba's Mamba block (``BiMambaBlock``: a bidirectional Mamba-1 with its own residual stream), or
+  ``mamba_layer``, our Dimba-style ``x + scan(norm(x))`` with a Mamba-2 scan; neither has time or text
+  conditioning. They follow every PixArt block, or with ``mamba_ratio`` below 1 every ``gap``-th one
+  (``mamba_positions``, the release's rule). Empty for DiT and T2MD.
 
 All blocks are one list, ``blocks.<i>``, in execution order. DiT and the hybrid layouts share every module name
 outside the mixers, so copying weights between them is by name; names and tensor layouts follow PixArt-alpha so
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -28,6 +32,8 @@ from lit_dimba.errors import ConfigError
 from lit_dimba.models.attention import CrossAttention, SelfAttention
 from lit_dimba.models.embeddings import CaptionEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
 from lit_dimba.models.mamba import Mamba2, Scan2D
+from lit_dimba.models.mamba1 import BiMamba
+from lit_dimba.models.mamba_ops import at_least_fp32
 
 RECOMPILE_LIMIT = 64  # compiled graphs per code object (see ``Backbone.compile_blocks``)
 
@@ -52,6 +58,28 @@ class MambaConfig:
         kwargs = asdict(self)
         bidirectional = kwargs.pop("bidirectional")
         return Scan2D(hidden_size, order, bidirectional, **kwargs)
+
+
+@dataclass
+class Mamba1Config:
+    """Settings of every Mamba-1 mixer of a backbone (``BiMamba``, the released Dimba's; see
+    ``lit_dimba.models.mamba1``). The defaults are the release's: d_state 16, d_conv 4, expand 2, dt_rank "auto"
+    (ceil(width / 16)).
+
+    chunk_size: T of the PyTorch scan (no effect on the result, only on its speed and memory).
+    kernel: "auto" (mamba-ssm's selective_scan_fn on CUDA when its extension is built, else PyTorch), "torch" or
+        "mamba_ssm".
+    """
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+    chunk_size: int = 16
+    kernel: str = "auto"
+
+    def mixer(self, hidden_size: int) -> BiMamba:
+        return BiMamba(hidden_size, **asdict(self))
 
 
 def expand_layout(layout: str | list[str], depth: int) -> list[str]:
@@ -81,6 +109,31 @@ def expand_layout(layout: str | list[str], depth: int) -> list[str]:
     return mixers
 
 
+def mamba_positions(depth: int, ratio: float) -> list[int]:
+    """The PixArt blocks (indices in 0..depth-1) that the ``after_each_block`` blocks follow, by the released Dimba's
+    rule (feizc/Dimba ``diffusion/model/nets/dimba.py``, ``Dimba.__init__`` and ``Dimba.forward``): it builds
+    ``count = int(ratio * depth)`` Mamba blocks, ``gap = depth // count``, and runs one after every block when gap
+    is 1, else after block i when ``i % gap == 1`` (the k-th Mamba block after block 1 + k * gap).
+
+    A ratio for which that rule has more places than blocks (the release then fails with an index error), or no
+    block, is a ConfigError naming the ratios that work.
+    """
+
+    def placed(count: int) -> list[int]:
+        gap = depth // count
+        return [i for i in range(depth) if gap == 1 or i % gap == 1]
+
+    count = int(ratio * depth) if 0 < ratio <= 1 else 0
+    if count and len(placed(count)) == count:
+        return placed(count)
+    working = [k for k in range(1, depth + 1) if len(placed(k)) == k]
+    raise ConfigError(
+        f"backbone.mamba_ratio {ratio} with depth {depth}: the released Dimba's rule builds int(ratio * depth) = "
+        f"{count} Mamba blocks and has {len(placed(count)) if count else 0} places for them (after block i when "
+        f"i % (depth // count) == 1, after every block when that gap is 1); set mamba_ratio to k / {depth} for k in "
+        f"{working} (1.0: after every block)")
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, N, C), shift/scale (B, 1, C)."""
     return x * (1 + scale) + shift
@@ -99,8 +152,9 @@ class Block(nn.Module):
     """PixArt-alpha block with a pluggable token mixer (``mixer``: a name of ``MIXERS``).
 
     x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
-    grid (h, w) with h * w = N -> (x (B, N, C), mixer input (B, N, C), mixer output (B, N, C)). The mixer
-    input is after norm and modulation, the output before the gate: the pair distillation matches.
+    grid (h, w) with h * w = N, residual: the separate residual stream of ``BiMambaBlock`` (passed on unchanged)
+    -> (x (B, N, C), residual, mixer input (B, N, C), mixer output (B, N, C)). The mixer input is after norm and
+    modulation, the output before the gate: the pair distillation matches.
 
     ``mixer_only``: x is a mixer input (B, N, C) and only the token mixer runs (-> (B, N, C); t6, y and mask are
     unused). Teacher forcing calls the block this way rather than ``block.mixer``, so that wrappers around the
@@ -116,7 +170,7 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, t6, y, mask, grid, mixer_only: bool = False):
+    def forward(self, x, t6, y, mask, grid, residual=None, mixer_only: bool = False):
         if mixer_only:
             return self.mixer(x, grid)
         B, _, C = x.shape
@@ -128,14 +182,15 @@ class Block(nn.Module):
         x = x + gate_msa * mixer_out
         x = x + self.cross_attn(x, y, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x, mixer_in, mixer_out
+        return x, residual, mixer_in, mixer_out
 
 
 class MambaLayer(nn.Module):
-    """Dimba's Mamba layer after a PixArt block: ``x + scan(norm(x))``, bidirectional width-first scan,
-    no time or text conditioning. Same call signature as ``Block`` (the conditioning inputs are unused).
+    """Our Dimba-style Mamba layer after a PixArt block: ``x + scan(norm(x))``, bidirectional width-first Mamba-2
+    scan, no time or text conditioning (the ``dimba-mamba2-l/2`` backbone). Same call signature as ``Block`` (the
+    conditioning inputs are unused, the residual stream is passed on).
 
-    x (B, N, C), grid (h, w) -> (x, mixer input, mixer output), each (B, N, C).
+    x (B, N, C), grid (h, w) -> (x, residual, mixer input, mixer output), x and the mixer's each (B, N, C).
     """
 
     def __init__(self, hidden_size: int, mamba: MambaConfig):
@@ -143,15 +198,49 @@ class MambaLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mixer = mamba.scan(hidden_size, "w")
 
-    def forward(self, x, t6, y, mask, grid):
+    def forward(self, x, t6, y, mask, grid, residual=None):
         mixer_in = self.norm(x)
         mixer_out = self.mixer(mixer_in, grid)
-        return x + mixer_out, mixer_in, mixer_out
+        return x + mixer_out, residual, mixer_in, mixer_out
 
 
-# The blocks that may follow each PixArt block (``Backbone.after_each_block``), by layout name:
-# (hidden_size, Mamba settings) -> a module with ``Block``'s call signature. A new block kind is one more entry.
-EXTRA_BLOCKS = {"mamba_layer": MambaLayer}
+class BiMambaBlock(nn.Module):
+    """The released Dimba's Mamba block: RMSNorm and a bidirectional Mamba-1 (``BiMamba``), with the residual
+    carried beside the blocks' output rather than added to it. No time or text conditioning; ``Block``'s call
+    signature (the conditioning inputs are unused).
+
+    As read in feizc/Dimba ``diffusion/model/nets/dimba.py``: ``create_block`` builds ``Block(mixer=Mamba(
+    bimamba_type="v2"), norm=RMSNorm(eps=1e-5), fused_add_norm=True, residual_in_fp32=True)``, ``Block.forward``
+    (fused path, ``rms_norm_fn(..., prenorm=True)``) returns ``(mixer(norm(r)), r)`` with ``r = residual + x``
+    (``r = x`` for the first Mamba block, residual None), kept in float32, and ``Dimba.forward`` runs
+    ``x = blocks[i](x); x, residual = mamba_blocks[j](x, residual)``, so the next PixArt block (and, after the
+    last, the final layer) gets the mixer output itself, and the stream ``residual`` sums the outputs of the
+    PixArt blocks that a Mamba block follows. The norm computes in float32 and returns x's dtype (as the fused
+    kernel, ``mamba_ssm/ops/triton/layernorm.py``). Tensor names: ``mixer.*`` (``BiMamba``), ``norm.weight``.
+
+    x (B, N, C), residual (B, N, C) float32 or None (the first Mamba block) -> (mixer output (B, N, C): the new x,
+    residual (B, N, C) float32, mixer input (B, N, C), mixer output).
+    """
+
+    def __init__(self, hidden_size: int, mamba1: Mamba1Config):
+        super().__init__()
+        self.mixer = mamba1.mixer(hidden_size)
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-5)
+
+    def forward(self, x, t6, y, mask, grid, residual=None):
+        residual = at_least_fp32(x) if residual is None else residual + x
+        norm = self.norm
+        mixer_in = F.rms_norm(residual, norm.normalized_shape, at_least_fp32(norm.weight), norm.eps).to(x.dtype)
+        mixer_out = self.mixer(mixer_in)
+        return mixer_out, residual, mixer_in, mixer_out
+
+
+# The blocks that may follow a PixArt block (``Backbone.after_each_block``), by layout name: (hidden_size, Mamba-2
+# settings, Mamba-1 settings) -> a module with ``Block``'s call signature. A new block kind is one more entry.
+EXTRA_BLOCKS = {
+    "mamba_layer": lambda hidden_size, mamba, mamba1: MambaLayer(hidden_size, mamba),
+    "bimamba": lambda hidden_size, mamba, mamba1: BiMambaBlock(hidden_size, mamba1),
+}
 
 
 class FinalLayer(nn.Module):
@@ -182,11 +271,16 @@ class Backbone(nn.Module):
         layout: the token mixer of each PixArt block: "dit" (all self-attention), "t2md", "mamba" or a list of
             ``depth`` names of ``MIXERS`` (see ``expand_layout``).
         depth: the number of PixArt blocks (``Block``, each with time and text conditioning).
-        after_each_block: blocks inserted after every PixArt block, in order, names of ``EXTRA_BLOCKS``: Dimba is
-            ``[mamba_layer]`` (1:1), ``[mamba_layer, mamba_layer]`` is 1:2. The backbone has
-            ``depth * (1 + len(after_each_block))`` blocks.
+        after_each_block: blocks inserted after a PixArt block (every one, unless ``mamba_ratio`` < 1), in order,
+            names of ``EXTRA_BLOCKS``: the released Dimba is ``[bimamba]``; our Mamba-2 variant ``[mamba_layer]``
+            (1:1), ``[mamba_layer, mamba_layer]`` is 1:2. The backbone has
+            ``depth + len(mamba_positions) * len(after_each_block)`` blocks.
+        mamba_ratio: the released Dimba's ``mamba_ratio``: in (0, 1], 1 puts the ``after_each_block`` blocks after
+            every PixArt block; below 1, after ``int(mamba_ratio * depth)`` of them by the release's gap rule
+            (``mamba_positions``: 0.5 -> after blocks 1, 3, 5, ...). Unused without ``after_each_block``.
         hidden_size, num_heads, mlp_ratio: transformer size.
-        mamba: settings of the Mamba-2 mixers.
+        mamba: settings of the Mamba-2 mixers (``mamba_h``, ``mamba_w``, ``mamba_layer``).
+        mamba1: settings of the Mamba-1 mixers (``bimamba``).
         patch_size: p; inputs need H and W divisible by p.
         in_channels: latent channels; the output has 2x as many when ``learn_sigma`` (PixArt checkpoints).
         caption_channels: text-encoder feature size; token_num: text length (the null caption's length).
@@ -209,6 +303,9 @@ class Backbone(nn.Module):
             (``csize_embedder``, ``ar_embedder``, hidden_size / 3 channels each per value) and added to the time
             embedding. The size is the generated (or trained) image's, taken from the input's shape.
 
+    ``block_kinds`` names the kind of every block of ``blocks``: its mixer for a PixArt block, its
+    ``EXTRA_BLOCKS`` name for the others.
+
     forward: x (B, in_channels, H, W), t (B,) timesteps, y (B, token_num, caption_channels), mask (B, token_num)
     bool, drop_caption (B,) bool or None (True -> null caption) -> (B, out_channels, H, W); with
     ``return_mixer_io`` also a list with one ``(mixer input, mixer output)`` pair, each (B, h * w, hidden), per
@@ -218,10 +315,12 @@ class Backbone(nn.Module):
     layout: str | list[str] = "dit"
     depth: int = 28
     after_each_block: list[str] = field(default_factory=list)
+    mamba_ratio: float = 1.0
     hidden_size: int = 1152
     num_heads: int = 16
     mlp_ratio: float = 4.0
     mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba1: Mamba1Config = field(default_factory=Mamba1Config)
     patch_size: int = 2
     in_channels: int = 4
     learn_sigma: bool = True
@@ -259,10 +358,14 @@ class Backbone(nn.Module):
                                  f"channels each; hidden_size {hidden_size} is not divisible by 3")
             self.csize_embedder = TimestepEmbedder(hidden_size // 3)
             self.ar_embedder = TimestepEmbedder(hidden_size // 3)
-        blocks = []
-        for mixer in self.mixers:
+        follow = mamba_positions(self.depth, self.mamba_ratio) if self.after_each_block else []
+        blocks, self.block_kinds = [], []
+        for i, mixer in enumerate(self.mixers):
             blocks.append(Block(mixer, hidden_size, self.num_heads, self.mlp_ratio, self.mamba))
-            blocks += [EXTRA_BLOCKS[kind](hidden_size, self.mamba) for kind in self.after_each_block]
+            self.block_kinds.append(mixer)
+            if i in follow:
+                blocks += [EXTRA_BLOCKS[kind](hidden_size, self.mamba, self.mamba1) for kind in self.after_each_block]
+                self.block_kinds += self.after_each_block
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
         self.initialize_weights()
@@ -270,8 +373,8 @@ class Backbone(nn.Module):
     def initialize_weights(self):
         """PixArt-alpha's initialisation: xavier linears, small normal embedders, zero output projections.
 
-        Mamba-2 mixers end with mamba-ssm's own initialisation: ``Mamba2.reset_parameters`` undoes the xavier
-        init of their projections and sets dt_bias/A_log/D.
+        Mamba mixers end with mamba-ssm's own initialisation: ``Mamba2.reset_parameters`` and
+        ``BiMamba.reset_parameters`` undo the xavier init of their projections and set the dt/A/D parameters.
         """
 
         def basic_init(module):
@@ -296,7 +399,7 @@ class Backbone(nn.Module):
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
         for module in self.modules():
-            if isinstance(module, Mamba2):
+            if isinstance(module, (Mamba2, BiMamba)):
                 module.reset_parameters()
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
@@ -361,7 +464,8 @@ class Backbone(nn.Module):
         """Every constructor argument as plain Python values (the current ``base_size``, ``pe_interpolation``,
         ``pe_mode`` and ``pe_base_grid``, which ``callbacks.PEInterpolation`` may set before a run): enough to
         rebuild the same network (``from_config``)."""
-        return {f.name: asdict(self.mamba) if f.name == "mamba" else getattr(self, f.name) for f in fields(self)}
+        return {f.name: asdict(getattr(self, f.name)) if f.name in ("mamba", "mamba1") else getattr(self, f.name)
+                for f in fields(self)}
 
     @classmethod
     def from_config(cls, config: dict) -> "Backbone":
@@ -371,17 +475,20 @@ class Backbone(nn.Module):
         ratio = config.pop("dimba_ratio", 1)
         if config.get("layout") == "dimba":
             config.update(layout="dit", after_each_block=["mamba_layer"] * ratio)
-        return cls(**{**config, "mamba": MambaConfig(**config.get("mamba", {}))})
+        return cls(**{**config, "mamba": MambaConfig(**config.get("mamba", {})),
+                      "mamba1": Mamba1Config(**config.get("mamba1", {}))})
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "Backbone":
         """Build the backbone of a config file (``class_path`` + ``init_args``, as under ``configs/backbones/`` and
-        in exports' ``backbone.yaml``), with keyword overrides (``mamba`` as a dict or ``MambaConfig``)."""
+        in exports' ``backbone.yaml``), with keyword overrides (``mamba`` / ``mamba1`` as a dict or a
+        ``MambaConfig`` / ``Mamba1Config``, merged into the file's)."""
         with open(path) as f:
             config = yaml.safe_load(f)["init_args"]
-        mamba = overrides.pop("mamba", {})
-        mamba = {**config.get("mamba", {}), **(asdict(mamba) if isinstance(mamba, MambaConfig) else mamba)}
-        return cls.from_config({**config, **overrides, "mamba": mamba})
+        for key in ("mamba", "mamba1"):
+            settings = overrides.pop(key, {})
+            overrides[key] = {**config.get(key, {}), **(settings if isinstance(settings, dict) else asdict(settings))}
+        return cls.from_config({**config, **overrides})
 
     def forward(self, x, t, y, mask, drop_caption=None, return_mixer_io: bool = False):
         grid = self.grid_size(x.shape[-2], x.shape[-1])
@@ -393,11 +500,13 @@ class Backbone(nn.Module):
         t6 = self.t_block(t_emb)
         y, mask = self.y_embedder(y, mask, drop_caption)
         mixer_io = []
+        residual = None  # the released Dimba's separate residual stream (``BiMambaBlock``); the others pass it on
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, mixer_in, mixer_out = checkpoint(block, x, t6, y, mask, grid, use_reentrant=False)
+                x, residual, mixer_in, mixer_out = checkpoint(block, x, t6, y, mask, grid, residual,
+                                                              use_reentrant=False)
             else:
-                x, mixer_in, mixer_out = block(x, t6, y, mask, grid)
+                x, residual, mixer_in, mixer_out = block(x, t6, y, mask, grid, residual)
             if return_mixer_io:  # otherwise let go of them: at 4096^2 they would hold gigabytes in inference
                 mixer_io.append((mixer_in, mixer_out))
         out = self.unpatchify(self.final_layer(x, t_emb), grid)

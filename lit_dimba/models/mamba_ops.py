@@ -1,4 +1,5 @@
-"""Mamba-2's operators as functions: the selective (SSD) scan, the causal depthwise conv and the gated RMSNorm.
+"""Mamba's operators as functions: Mamba-2's selective (SSD) scan, the causal depthwise conv, the gated RMSNorm,
+and Mamba-1's selective scan.
 
 Each has a plain-PyTorch form, which runs on any device, is differentiable, and is traced and fused by
 ``torch.compile``, and an optional CUDA kernel:
@@ -13,6 +14,9 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
   op ``lit_dimba::gated_rms_norm``: mamba-ssm's one-pass Triton kernel on CUDA (one launch per scan output, reading
   strided y and z in place), ``gated_rms_norm_reference`` elsewhere.
 - ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
+- ``selective_scan``: Mamba-1's selective scan (per-channel, per-state decays) with its D skip and z gate:
+  mamba-ssm's ``selective_scan_fn`` (the CUDA extension ``selective_scan_cuda``) when it is built, else
+  ``selective_scan_reference``, a chunked parallel scan in PyTorch.
 
 Shapes: b batch, l sequence length, h heads, p head dim, g groups (B and C are shared by the h / g heads of a
 group; head k reads group k // (h / g)), n state size, T chunk size, c number of chunks, d channels, k conv width.
@@ -150,6 +154,94 @@ def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Ten
     return (u * torch.rsqrt(u.square().mean(-1, keepdim=True) + eps) * weight.unflatten(0, (-1, group_size))
             ).flatten(-2).to(y.dtype)
 
+
+SCAN_SEGMENT = 4096  # steps of a Mamba-1 sequence scanned at once by the PyTorch form (``selective_scan_reference``)
+
+
+def _shifted(x: torch.Tensor, step: int, dim: int) -> torch.Tensor:
+    """x moved ``step`` places along ``dim`` (>= 0) towards higher indices, zeros coming in at the front."""
+    return F.pad(x.narrow(dim, 0, x.shape[dim] - step), [0, 0] * (x.dim() - 1 - dim) + [step, 0])
+
+
+def linear_scan(log_decay: torch.Tensor, inputs: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence h_t = exp(log_decay_t) h_{t-1} + inputs_t along ``dim`` from h_{-1} = 0, for every position at
+    once (Hillis-Steele doubling: ceil(log2 L) elementwise steps over the whole tensor, L the length along ``dim``).
+
+    log_decay, inputs: same shape, log_decay <= 0. Returns (h, the cumulative log-decay log_decay_0 + ... +
+    log_decay_t, what a state entering before step 0 is multiplied by at step t), both of that shape. Every
+    factor exp(.) is at most 1, so nothing overflows.
+    """
+    step = 1
+    while step < inputs.shape[dim]:
+        # each position t holds the map from the state before t - step + 1 to h_t; compose it with the one before
+        inputs = inputs + torch.exp(log_decay) * _shifted(inputs, step, dim)
+        log_decay = log_decay + _shifted(log_decay, step, dim)
+        step *= 2
+    return inputs, log_decay
+
+
+def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, z: torch.Tensor,
+                             chunk_size: int, segment: int = SCAN_SEGMENT) -> torch.Tensor:
+    """Mamba-1's selective scan as mamba-ssm's ``selective_scan_fn`` computes it (``delta_softplus=True``, with D
+    and z), in PyTorch: for each channel k and state index i,
+
+        dt_t = softplus(delta_t + delta_bias),  h_t[k, i] = exp(dt_t[k] A[k, i]) h_{t-1}[k, i] + dt_t[k] B_t[i] u_t[k],
+        out_t[k] = (sum_i C_t[i] h_t[k, i] + D[k] u_t[k]) * silu(z_t[k]),
+
+    from h_{-1} = 0, with B and C of channel k from its group k // (d / g).
+
+    u, delta, z: (b, l, d); A: (d, n) negative rates; B, C: (b, l, g, n); D, delta_bias: (d,); chunk_size: T.
+    Returns (b, l, d) in u.dtype, computed in at least float32.
+
+    Every step of a segment of up to ``segment`` steps is computed at once (``scan_segment``, a few (b, segment, d,
+    n) tensors at a time); longer sequences are scanned segment after segment, each starting from the state the one
+    before left, so that memory stays bounded.
+    """
+    in_dtype, dtype = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    b, l, d = u.shape
+    g, n = B.shape[-2:]
+    u, delta, z, B, C = (t.to(dtype) for t in (u, delta, z, B, C))
+    dt = F.softplus(delta + delta_bias.to(dtype))
+    A = A.to(dtype).unflatten(0, (g, -1))  # (g, r, n): channels as (g, d / g), so that B and C broadcast over a group
+    state = u.new_zeros(b, g, d // g, n)
+    ys = []
+    for start in range(0, l, segment):
+        steps = slice(start, start + segment)
+        y, state = scan_segment(dt[:, steps], u[:, steps], A, B[:, steps], C[:, steps], state, chunk_size)
+        ys.append(y)
+    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+    return ((y + u * D.to(dtype)) * F.silu(z)).to(in_dtype)
+
+
+def scan_segment(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``selective_scan_reference``'s scan over one segment, from ``state``: dt (steps after softplus), u: (b, l, d);
+    A: (g, r, n) with r = d / g; B, C: (b, l, g, n); state: (b, g, r, n), the state before the first step.
+    Returns (y (b, l, d), without the D skip and the gate; the state after the last step (b, g, r, n)).
+
+    Chunked: within each chunk of T steps every state is found at once from a zero start (``linear_scan``, log2 T
+    steps over all chunks together); the states the chunks leave are then carried from chunk to chunk by the same
+    scan over the c chunks, and the state entering a chunk (with ``state`` decayed through the chunks before)
+    reaches its step t through the cumulative log-decay of the steps before (exp of a sum of log-decays, <= 1).
+    Any l works (zero-padded to a multiple of T at the end, which no real step sees and which leaves the state as
+    it is).
+    """
+    b, l, g, n = B.shape
+    T, pad = chunk_size, -l % chunk_size
+    c = (l + pad) // T
+    log_decay = dt.unflatten(-1, (g, -1))[..., None] * A  # (b, l, g, r, n)
+    inputs = (dt * u).unflatten(-1, (g, -1))[..., None] * B[:, :, :, None]  # (b, l, g, r, n)
+    if pad:
+        log_decay, inputs = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (log_decay, inputs))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    states, lead_in = linear_scan(log_decay.unflatten(1, (c, T)), inputs.unflatten(1, (c, T)), dim=2)
+    # chunk k's end state from zero, and the log-decay through chunks 0..k: (b, c, g, r, n)
+    carried, through = linear_scan(lead_in[:, :, -1], states[:, :, -1], dim=1)
+    entering = _shifted(carried, 1, dim=1) + torch.exp(_shifted(through, 1, dim=1)) * state[:, None]
+    states = states + torch.exp(lead_in) * entering[:, :, None]  # (b, c, T, g, r, n)
+    y = torch.einsum("bctgrn,bctgn->bctgr", states, C.unflatten(1, (c, T))).reshape(b, c * T, -1)[:, :l]
+    return y, carried[:, -1] + torch.exp(through[:, -1]) * state
 
 # ---------------------------------------------------------------------------------------------- CUDA kernels
 @functools.cache
@@ -361,6 +453,48 @@ def _gather_rows_grad(ctx, grad):
 
 
 gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup_context)
+
+
+@functools.cache
+def selective_scan_kernel():
+    """mamba-ssm's ``selective_scan_fn``, or None unless its CUDA extension is built.
+
+    mamba-ssm's ``ops.selective_scan_interface`` imports the extension module ``selective_scan_cuda`` when it is
+    imported; an install without the compiled extension may still provide an importable stand-in module, which
+    lacks the kernel entry point ``fwd``: that counts as not built.
+    """
+    try:
+        import selective_scan_cuda
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn if callable(getattr(selective_scan_cuda, "fwd", None)) else None
+
+
+@torch.compiler.disable
+def selective_scan_mamba_ssm(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, z: torch.Tensor
+                             ) -> torch.Tensor:
+    """``selective_scan_reference`` (same arguments but the chunk size, same result) by mamba-ssm's CUDA kernel,
+    which takes channels before steps: u, delta, z as (b, d, l), B, C as (b, g, n, l), all in u's dtype; A, D and
+    delta_bias in float32. It is an autograd function around a C++ extension, which ``torch.compile`` cannot trace:
+    compiled code calls it eagerly (one graph break per call)."""
+    dtype = u.dtype
+    out = selective_scan_kernel()(
+        u.transpose(1, 2), delta.to(dtype).transpose(1, 2), A.float(), B.to(dtype).permute(0, 2, 3, 1),
+        C.to(dtype).permute(0, 2, 3, 1), D.float(), z=z.to(dtype).transpose(1, 2), delta_bias=delta_bias.float(),
+        delta_softplus=True)
+    return out.transpose(1, 2)
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor, delta_bias: torch.Tensor, z: torch.Tensor, chunk_size: int,
+                   fused: bool) -> torch.Tensor:
+    """Mamba-1's selective scan (see ``selective_scan_reference`` for the arguments): mamba-ssm's CUDA kernel when
+    ``fused``, else the PyTorch form with chunks of ``chunk_size`` steps. (b, l, d) in u.dtype."""
+    if fused:
+        return selective_scan_mamba_ssm(u, delta, A, B, C, D, delta_bias, z)
+    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, z, chunk_size)
 
 
 def _require_mamba_ssm(functions, op: str):
