@@ -12,7 +12,8 @@ class PEInterpolation(Callback):
     """PE interpolation across resolutions (PixArt-alpha, Dimba): a larger grid's positions are squeezed into the
     range the model learned at ``base_resolution`` instead of stepping one per token into positions it never saw.
 
-    At setup (before fit, validate, test and predict) it hands the backbone its base, once: ``pe_base_grid`` =
+    At setup (before fit, validate, test and predict) it hands the backbone its base, once (every backbone of the
+    module: in distillation the teacher's too, so teacher and student embed the same positions): ``pe_base_grid`` =
     ``base_resolution`` / (VAE factor x patch), the token grid side at which the PE scale is 1. Every forward then
     computes its PE from its own input's token grid (``Backbone.pe_scale``): ``pe_interpolation = sqrt(h * w) /
     pe_base_grid`` with positions stepping by ``1 / pe_interpolation`` per token on both axes, i.e. 512^2 -> 1,
@@ -43,10 +44,11 @@ class PEInterpolation(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.check_resolution(self.base_resolution, "PEInterpolation.base_resolution")
-        if self.interpolate:
-            pl_module.model.pe_base_grid = self.base_resolution // pl_module.token_stride
-        if self.mode is not None:
-            pl_module.model.pe_mode = self.mode
+        for backbone in pl_module.backbones():  # a distillation's teacher sees the positions its student sees
+            if self.interpolate:
+                backbone.pe_base_grid = self.base_resolution // pl_module.token_stride
+            if self.mode is not None:
+                backbone.pe_mode = self.mode
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         height, width = pl_module.batch_encoders.image_size(batch)

@@ -160,3 +160,20 @@ def test_fit_saves_the_base_grid_and_logs_the_batch_resolution(in_tmp):
     assert config["pe_base_grid"] == 4
     pe, _ = forward_pe(Backbone.from_config(config), 48, 48)  # a 12 x 12 grid: a third of a step per token
     np.testing.assert_allclose(pe, reference_pe(32, 12, 12, 4 / 12), atol=1e-5)
+
+
+def test_distillation_teacher_gets_the_students_positions(tmp_path):
+    """In distillation the callback sets the teacher's PE base as well as the student's: at a resolution above the
+    base both add the same (interpolated) embedding, so the teacher's targets are those of the positions it learned."""
+    from safetensors.torch import save_file
+
+    from lit_dimba.modules import DistillModule
+
+    teacher_file = str(tmp_path / "teacher.safetensors")
+    save_file(tiny_backbone().state_dict(), teacher_file)
+    module = DistillModule(tiny_backbone(layout=["mamba_h"]), tiny_backbone(), teacher_file,
+                           TinyT5TextEncoder(d_model=32, max_length=24), PixelSpace())
+    PEInterpolation(base_resolution=32, mode="centred").setup(None, module, "fit")
+    for backbone in (module.model, module.teacher):
+        pe, (h, w) = forward_pe(backbone, 64, 64)
+        np.testing.assert_allclose(pe, reference_pe(32, h, w, 8 / h, centred=True), atol=1e-5)

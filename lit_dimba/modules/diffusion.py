@@ -168,11 +168,12 @@ class DiffusionModule(L.LightningModule):
             rank_zero_warn(f"model.compile is {self.compile_setting!r}, but torch.compile cannot run on {device} "
                            f"here ({problem}); the model runs in eager mode")
             return
-        for backbone in self.compiled_backbones():
+        for backbone in self.backbones():
             backbone.compile_blocks(**options)
 
-    def compiled_backbones(self) -> list[Backbone]:
-        """The backbones that ``compile`` compiles."""
+    def backbones(self) -> list[Backbone]:
+        """Every backbone this module runs: ``model`` (the trained one), then any frozen one (a distillation's
+        teacher). ``compile`` compiles them all and ``callbacks.PEInterpolation`` gives them all its PE base."""
         return [self.model]
 
     def require_text_encoder(self, why: str) -> None:

@@ -125,7 +125,7 @@ class DistillModule(DiffusionModule):
             if which == "mixers" and isinstance(block, Block) or which == "mamba" and has_scan_mixer(block):
                 block.mixer.requires_grad_(True)
 
-    def compiled_backbones(self) -> list[Backbone]:
+    def backbones(self) -> list[Backbone]:
         return [self.model, self.teacher]
 
     def train(self, mode: bool = True) -> "DistillModule":
