@@ -1,11 +1,10 @@
 """Prompt-following score during training, so that ``ModelCheckpoint`` can keep the best checkpoint by it."""
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Subset
 
-from datamodules.caption_image import PromptSet
-from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes
+from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes, scored
 
 
 class PromptFollowing(Callback):
@@ -35,18 +34,16 @@ class PromptFollowing(Callback):
         if trainer.sanity_checking:
             return
         datamodule = trainer.datamodule
-        prompts = PromptSet(datamodule.source.test_prompts()[: self.num_prompts], datamodule.resolution)
-        # every rank generates the same number of batches (under FSDP each sampling step is a collective): a
-        # shorter share is padded with repeats of the first prompt, which are generated but not scored
-        share = list(range(trainer.global_rank, len(prompts), trainer.world_size))
-        per_rank = -(-len(prompts) // trainer.world_size)
-        loader = DataLoader(Subset(prompts, share + [0] * (per_rank - len(share))), batch_size=self.batch_size)
+        # this rank's share, padded so that every rank generates as many batches (under FSDP each sampling step is a
+        # collective); the padding is generated but not scored
+        loader = datamodule.prompt_loader(datamodule.source.test_prompts()[: self.num_prompts], self.batch_size)
         score = PromptFollowingScore().to(pl_module.device)
-        for i, batch in enumerate(loader):
+        for batch in loader:
             scenes = batch_scenes(batch)
             if scenes is None:
                 return
-            scored = max(0, len(share) - i * self.batch_size)  # the share's prompts come before the repeats
-            score.update(pl_module.generate_batch(batch)[:scored], scenes[:scored])
+            keep = scored(batch)
+            images = pl_module.generate_batch(batch)[torch.tensor(keep)]
+            score.update(images, [scene for scene, kept in zip(scenes, keep) if kept])
         for key, value in score.compute().items():
             pl_module.log(f"val/prompt_following/{key}", value)

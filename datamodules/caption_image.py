@@ -58,7 +58,9 @@ class CaptionImageSource(ABC):
 
 
 class PromptSet(Dataset):
-    """Prompts to generate from: item i is the prompt dict plus ``index`` (its seed offset), ``height`` and ``width``."""
+    """Prompts to generate from: item i is the prompt dict plus ``index`` (its seed offset), ``height``, ``width`` and
+    ``scored`` (True). Index ``len(prompts)`` is the padding ``PromptShare`` uses: the first prompt again, with
+    ``scored`` False (generated, as every rank must run as many batches, but neither scored nor written)."""
 
     def __init__(self, prompts: list[dict], resolution: int):
         self.prompts = prompts
@@ -68,7 +70,25 @@ class PromptSet(Dataset):
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.prompts[i], "index": i, "height": self.resolution, "width": self.resolution}
+        pad = i == len(self.prompts)
+        return {**self.prompts[0 if pad else i], "index": 0 if pad else i, "height": self.resolution,
+                "width": self.resolution, "scored": not pad}
+
+
+class PromptShare(DistributedSampler):
+    """One rank's share of a ``PromptSet`` for test, predict and the prompt-following score: prompts ``rank, rank +
+    world_size, ...`` in order, padded to the same count on every rank with the padding index (a repeat that is not
+    scored; ``PromptSet``). So every rank runs the same number of sampling batches (under FSDP each denoising step is
+    a collective) and, unlike Lightning's ``DistributedSampler``, which pads with real prompts, no prompt is scored
+    twice. Being a ``DistributedSampler``, Lightning leaves it in place.
+    """
+
+    def __init__(self, prompts: PromptSet, world_size: int = 1, rank: int = 0):
+        super().__init__(prompts, num_replicas=world_size, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        share = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(share + [len(self.dataset)] * (self.num_samples - len(share)))
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -178,8 +198,17 @@ class CaptionImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.source.val_dataset(self.resolution), self.val_batch_size, shuffle=False)
 
+    def prompt_loader(self, prompts: list[dict], batch_size: int | None = None) -> DataLoader:
+        """This rank's share of ``prompts`` (``PromptShare``) at ``resolution``, in batches of ``batch_size``
+        (default ``val_batch_size``)."""
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        dataset = PromptSet(prompts, self.resolution)  # prompts are text: no workers needed
+        return DataLoader(dataset, batch_size=batch_size or self.val_batch_size,
+                          sampler=PromptShare(dataset, world_size, rank))
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(PromptSet(self.source.test_prompts(), self.resolution), self.val_batch_size, shuffle=False)
+        return self.prompt_loader(self.source.test_prompts())
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_prompts is None:
@@ -187,5 +216,4 @@ class CaptionImageDataModule(L.LightningDataModule):
         prompts = self.predict_prompts
         if isinstance(prompts, str):
             prompts = read_prompt_file(prompts)
-        return self._loader(PromptSet([{"caption": p} for p in prompts], self.resolution), self.val_batch_size,
-                            shuffle=False)
+        return self.prompt_loader([{"caption": p} for p in prompts])

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from callbacks import PromptFollowing
+from datamodules import CaptionImageDataModule
+from datamodules.caption_image import PromptSet, PromptShare
 from datamodules.synthetic import HeldOutPrompts, SyntheticShapesSource, heldout_scenes
+from lit_dimba.modules import DiffusionModule
 from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes, judge
 from lit_dimba.scenes import BACKGROUND, COLOURS, Scene, all_scenes, read_scene, render
 
@@ -208,14 +211,49 @@ class StandInModel:
         self.logged[name] = value.item()
 
 
+def ranked_datamodule(num_prompts: int, rank: int, world_size: int) -> CaptionImageDataModule:
+    """The demo's data module at 32^2 as rank ``rank`` of ``world_size`` sees it."""
+    datamodule = CaptionImageDataModule(SyntheticShapesSource(num_test_prompts=num_prompts), resolution=32)
+    datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+    return datamodule
+
+
+def test_prompt_share_gives_every_prompt_once_and_every_rank_as_many():
+    """7 prompts on 3 ranks: shares of 3 (0 3 6 / 1 4 pad / 2 5 pad); the padding repeats prompt 0 unscored."""
+    prompts = PromptSet([{"caption": f"prompt {i}"} for i in range(7)], 32)
+    shares = [[prompts[i] for i in PromptShare(prompts, 3, rank)] for rank in range(3)]
+    assert [len(share) for share in shares] == [3, 3, 3]
+    scored = sorted(item["index"] for share in shares for item in share if item["scored"])
+    assert scored == list(range(7))
+    pads = [item for share in shares for item in share if not item["scored"]]
+    assert [(pad["index"], pad["caption"]) for pad in pads] == [(0, "prompt 0")] * 2
+
+
+def test_test_step_scores_each_prompt_once_over_ranks():
+    """The test loaders of 2 ranks over 3 prompts: the scores' counts summed over the ranks are the counts of one
+    rank that tests all 3; the padding is neither scored nor kept in the test grid."""
+    def run(rank: int, world_size: int) -> SimpleNamespace:
+        model = StandInModel(32)
+        model.test_score, model._test_images, model._test_captions = PromptFollowingScore(), [], []
+        for batch in ranked_datamodule(3, rank, world_size).test_dataloader():
+            DiffusionModule.test_step(model, batch, 0)
+        return model
+
+    alone, ranks = run(0, 1), [run(rank, 2) for rank in range(2)]
+    assert [model.generated for model in ranks] == [[0, 2], [1, 0]]  # rank 1 pads with prompt 0
+    assert sum(len(model._test_captions) for model in ranks) == 3 == len(alone._test_captions)
+    assert torch.equal(ranks[0].test_score.correct + ranks[1].test_score.correct, alone.test_score.correct)
+    assert ranks[1].test_score.total + ranks[0].test_score.total == alone.test_score.total == 3
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_callback_splits_prompts_over_ranks_and_scores_no_padding(batch_size):
     """3 prompts on 2 ranks: rank 0 gets prompts 0 and 2, rank 1 prompt 1 plus a repeat of prompt 0 (so that both
     run as many batches). Only prompt 0 is drawn right: rank 1 must score 0, not count the repeat."""
-    datamodule = SimpleNamespace(source=SyntheticShapesSource(num_test_prompts=3), resolution=32)
     models = [StandInModel(32), StandInModel(32)]
     for rank, model in enumerate(models):
-        trainer = SimpleNamespace(sanity_checking=False, datamodule=datamodule, global_rank=rank, world_size=2)
+        trainer = SimpleNamespace(sanity_checking=False, datamodule=ranked_datamodule(3, rank, 2), global_rank=rank,
+                                  world_size=2)
         PromptFollowing(num_prompts=3, batch_size=batch_size).on_validation_epoch_end(trainer, model)
     assert [model.generated for model in models] == [[0, 2], [1, 0]]
     assert models[0].logged == {f"val/prompt_following/{key}": 0.5 for key in KEYS}
@@ -223,9 +261,9 @@ def test_callback_splits_prompts_over_ranks_and_scores_no_padding(batch_size):
 
 
 def test_callback_logs_nothing_for_prompts_without_scenes():
-    source = SimpleNamespace(test_prompts=lambda: [{"caption": "a cat"}, {"caption": "a dog"}])
-    trainer = SimpleNamespace(sanity_checking=False, datamodule=SimpleNamespace(source=source, resolution=32),
-                              global_rank=0, world_size=1)
+    datamodule = ranked_datamodule(2, 0, 1)
+    datamodule.source = SimpleNamespace(test_prompts=lambda: [{"caption": "a cat"}, {"caption": "a dog"}])
+    trainer = SimpleNamespace(sanity_checking=False, datamodule=datamodule, global_rank=0, world_size=1)
     model = StandInModel(32)
     PromptFollowing(num_prompts=2).on_validation_epoch_end(trainer, model)
     assert model.generated == [] and model.logged == {}

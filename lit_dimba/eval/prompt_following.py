@@ -98,6 +98,13 @@ def batch_scenes(batch: dict) -> list[Scene] | list[Request] | None:
     return [Scene(*values) for values in zip(*(batch[key] for key in ATTRIBUTES))]
 
 
+def scored(batch: dict) -> list[bool]:
+    """Which items of a collated prompt batch count: all, except the padding that gives every rank as many batches
+    (``"scored": False``, ``datamodules.caption_image.PromptShare``)."""
+    flags = batch.get("scored")
+    return [bool(flag) for flag in flags] if flags is not None else [True] * len(batch["caption"])
+
+
 class PromptFollowingScore(Metric):
     """Share of prompts followed: for scenes, the share right in each attribute and in all of colour, shape and
     position; for requests, the share followed per task type and ``overall``, their mean.

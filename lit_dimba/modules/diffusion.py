@@ -26,7 +26,7 @@ from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.diffusion.gaussian import GaussianDiffusion, Noised, Sampler
 from lit_dimba.errors import ConfigError, TrainingStopped, describe_names
-from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes
+from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes, scored
 from lit_dimba.models.backbone import Backbone
 from lit_dimba.strategies import unwrapped_name
 
@@ -396,12 +396,13 @@ class DiffusionModule(L.LightningModule):
         self._test_images, self._test_captions = [], []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        images = self.generate_batch(batch)
+        keep = scored(batch)  # this rank's share of the prompts, without the padding (``PromptShare``)
+        images = self.generate_batch(batch)[torch.tensor(keep)]
         self._test_images.append(images.cpu())
-        self._test_captions.extend(batch["caption"])
+        self._test_captions.extend(caption for caption, kept in zip(batch["caption"], keep) if kept)
         scenes = batch_scenes(batch)
         if scenes is not None:
-            self.test_score.update(images, scenes)
+            self.test_score.update(images, [scene for scene, kept in zip(scenes, keep) if kept])
 
     def on_test_epoch_end(self) -> None:
         # compute() sums the counts of every rank (a collective); every rank has prompts of the same kind, so
@@ -433,7 +434,12 @@ class DiffusionModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"images": self.generate_batch(batch), "caption": batch["caption"], "index": batch["index"]}
+        """Images of this rank's share of the prompts, without the padding (``PromptShare``): ``{"images": (B, 3, H,
+        W), "caption": [B], "index": (B,)}``."""
+        keep = scored(batch)
+        return {"images": self.generate_batch(batch)[torch.tensor(keep)],
+                "caption": [caption for caption, kept in zip(batch["caption"], keep) if kept],
+                "index": batch["index"][torch.tensor(keep)]}
 
 
 def compile_options(setting: bool | str | dict, device: torch.device) -> dict | None:
