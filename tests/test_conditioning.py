@@ -63,6 +63,16 @@ def test_tiny_t5_truncates_long_captions(tiny_t5):
     assert mask.shape == (1, 24) and mask.all()
 
 
+def test_tiny_t5_tokenizes_as_byt5(tiny_t5):
+    """The vectorised byte tokenizer gives ByT5Tokenizer's ids and mask: multi-byte characters, empty captions,
+    captions of max_length - 1, max_length and more bytes."""
+    captions = ["a red cube on a table", "", "ünïcødé ✓", "x" * 23, "y" * 24, "z" * 100, "tab\tand  spaces", "ß"]
+    ours = tiny_t5.tokenize(captions)
+    theirs = TextEncoder.tokenize(tiny_t5, captions)  # the tokenizer's own call
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert torch.equal(tiny_t5.tokenize([""])[0], TextEncoder.tokenize(tiny_t5, [""])[0])
+
+
 def test_tiny_t5_deterministic_per_seed_and_keeps_global_rng():
     state = torch.get_rng_state()
     first = TinyT5TextEncoder(d_model=32, d_ff=64, max_length=24, seed=0)

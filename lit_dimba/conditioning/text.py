@@ -95,15 +95,16 @@ class TextEncoder(FrozenModule):
         """
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings, not a single string")
-        tokens = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.encoder.device)
-        features = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return features.float(), tokens.attention_mask.bool()
+        input_ids, attention_mask = (t.to(self.encoder.device) for t in self.tokenize(list(captions)))
+        features = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return features.float(), attention_mask.bool()
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """B captions -> token ids [B, max_length] and attention mask [B, max_length] (1 at tokens), padded or
+        truncated to ``max_length``, on the CPU."""
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the tokenizer and the encoder to ``directory`` so that ``TextEncoder(directory)`` reloads them."""
@@ -146,3 +147,18 @@ class TinyT5TextEncoder(TextEncoder):
             self.encoder = T5EncoderModel(config)
         self._max_length = max_length
         self.freeze()
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """``ByT5Tokenizer``'s ids without its per-character Python loop (25 ms for 256 captions on a CPU core, a
+        quarter of a small model's training step): each UTF-8 byte b is token b + 3 (after pad 0, eos 1, unk 2),
+        truncated to ``max_length - 1`` bytes, then eos, then pad. (Text that spells a special token, such as
+        "</s>", stays bytes here.)"""
+        data = [caption.encode("utf-8")[: self.max_length - 1] for caption in captions]
+        lengths = torch.tensor([len(d) for d in data])
+        rows = torch.repeat_interleave(torch.arange(len(data)), lengths)
+        columns = torch.arange(len(rows)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        ids = torch.zeros(len(data), self.max_length, dtype=torch.long)
+        ids[rows, columns] = torch.frombuffer(bytearray(b"".join(data)) or bytearray(1), dtype=torch.uint8)[
+            : len(rows)].long() + 3
+        ids[torch.arange(len(data)), lengths] = self.tokenizer.eos_token_id
+        return ids, (ids != self.tokenizer.pad_token_id).long()
