@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from lit_dimba.conditioning.encoders import FrozenEncoders
 from lit_dimba.conditioning.frozen import FrozenModule
 from lit_dimba.conditioning.text import TextEncoder, TinyT5TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
+from lit_dimba.errors import ConfigError
 
 CAPTIONS = ["a red cube on a table", "", "cat"]
 
@@ -201,3 +203,8 @@ def test_pixel_space_round_trips():
     assert latents.dtype == torch.float32 and torch.equal(latents, images.float())
     assert torch.equal(pixels.decode(latents), latents)
     assert_frozen(pixels)
+
+
+def test_captions_without_a_text_encoder_name_the_field():
+    with pytest.raises(ConfigError, match="model.text_encoder is null"):
+        FrozenEncoders(None, PixelSpace())({"image": torch.zeros(1, 3, 8, 8), "caption": ["a red circle"]})

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lit_dimba.conditioning.text import TextEncoder
 from lit_dimba.conditioning.vae import LatentVAE, PixelSpace
+from lit_dimba.errors import ConfigError
 
 
 class BatchEncoders(Protocol):
@@ -41,6 +42,9 @@ class FrozenEncoders:
     def __call__(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Latents (B, C, H / f, W / f) by ``vae.encode`` (its posterior sample, if any, from ``generator``),
         features (B, L, D) and mask (B, L) by the text encoder."""
+        if self.text_encoder is None:
+            raise ConfigError("model.text_encoder is null but the batches carry captions, not cached features; set "
+                              "model.init_args.text_encoder, or train on a feature cache (datamodules.cache)")
         latents = self.vae.encode(batch["image"], generator)
         features, mask = self.text_encoder(batch["caption"])
         return latents, features, mask
