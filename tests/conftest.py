@@ -3,6 +3,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# Under pytest-xdist (make test: one worker per core) each worker gets its share of the cores for torch's threads,
+# and so do the processes it starts (OMP_NUM_THREADS): with every worker on every core, the tiny models' ops wait on
+# each other's threads and an in-process fit runs several times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
