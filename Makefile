@@ -29,5 +29,6 @@ distill-demo: setup $(RUN)/checkpoints/last.ckpt
 	$(PY) main.py test --config configs/distill/demo.yaml --ckpt_path $(DISTILL)/kd/checkpoints/last.ckpt
 	$(PY) -m lit_dimba.export $(DISTILL)/kd/checkpoints/last.ckpt $(DISTILL)/export
 
+# --dist loadgroup: the tests of one xdist_group (those sharing a session fixture's run) go to one worker.
 test: setup
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist loadgroup tests

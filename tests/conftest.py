@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,66 @@ def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = Tr
         assert result.returncode == 0, result.stderr[-4000:]
         assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
     return result
+
+
+def run_here(folder, *args) -> None:
+    """``main(args)`` in this process, as ``launch(folder, *args, devices=1)`` runs it without starting a process:
+    in ``folder``, with the callbacks of its launch.py importable, on one thread (as OMP_NUM_THREADS=1 there, so
+    the two give the same floating point)."""
+    from main import main
+
+    (folder / "launch.py").write_text(LAUNCHER)
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    sys.path.insert(0, str(folder))
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    try:
+        main([*args, "--trainer.devices", "1"])
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        sys.path.remove(str(folder))
+        sys.modules.pop("launch", None)
+
+
+# The run that tests/test_resume.py kills and resumes and tests/test_distributed.py repeats under FSDP: the tiny run
+# at depth 2 with gradient clipping (which FSDP does its own way), TINY's validation and callbacks, STEPS steps with
+# a checkpoint every EVERY steps kept, and each step's loss written down (launch.RecordLosses).
+STEPS, EVERY = 8, 2
+
+
+def run_args(strategy: str, *callbacks: dict) -> list[str]:
+    """``fit`` arguments of that run under ``strategy``, with more ``callbacks``."""
+    # Not 5 callbacks, as many as TINY lists: jsonargparse merges a list of the same length item by item into the
+    # config's, and the EMA would take every_n_steps: 2 from TINY's SampleLogger in its place.
+    listed = [{"class_path": "launch.RecordLosses"},
+              {"class_path": "callbacks.EMA", "init_args": {"decay": 0.5, "warmup": False}},
+              {"class_path": "callbacks.SampleLogger", "init_args": {"every_n_steps": 2, "prompts": ["a red circle"]}},
+              {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"dirpath": "ckpt", "save_top_k": -1, "every_n_train_steps": EVERY, "save_last": True}},
+              {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+              {"class_path": "callbacks.ImageWriter", "init_args": {"output_dir": "predictions"}},
+              *callbacks]
+    return ["fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+            "--trainer.gradient_clip_val", "0.05", "--trainer.max_steps", str(STEPS),
+            "--trainer.callbacks", json.dumps(listed), "--trainer.strategy", strategy]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """The folder of that run under DDP on 2 processes, run once for the tests of the xdist group "ddp"."""
+    folder = tmp_path_factory.mktemp("ddp_run")
+    launch(folder, *run_args("ddp"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint of the tiny run at depth 2 (2 steps, in this process): the teacher of tests/configs/tiny_distill.yaml."""
+    folder = tmp_path_factory.mktemp("teacher")
+    run_here(folder, "fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    return str(folder / "ckpt" / "last.ckpt")
 
 
 BACKBONES = os.path.join(ROOT, "configs", "backbones")
