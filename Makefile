@@ -29,6 +29,7 @@ distill-demo: setup $(RUN)/checkpoints/last.ckpt
 	$(PY) main.py test --config configs/distill/demo.yaml --ckpt_path $(DISTILL)/kd/checkpoints/last.ckpt
 	$(PY) -m lit_dimba.export $(DISTILL)/kd/checkpoints/last.ckpt $(DISTILL)/export
 
-# --dist loadgroup: the tests of one xdist_group (those sharing a session fixture's run) go to one worker.
+# --maxschedchunk 1: each worker is sent the next test when it has fewer than 2 left (not chunks of 64 in a row), so
+# the slow tests, which run first (tests/conftest.py), spread over the workers.
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --maxschedchunk 1 tests

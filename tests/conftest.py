@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import subprocess
@@ -13,6 +14,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (they start processes or train several runs) first, so that under pytest-xdist the short
+    ones fill the workers' time at the end instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -129,9 +137,18 @@ def run_args(strategy: str, *callbacks: dict) -> list[str]:
 
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
-    """The folder of that run under DDP on 2 processes, run once for the tests of the xdist group "ddp"."""
-    folder = tmp_path_factory.mktemp("ddp_run")
-    launch(folder, *run_args("ddp"))
+    """The folder of that run under DDP on 2 processes: run once per test session, by the first pytest-xdist worker
+    that needs it (the others wait for it under a file lock and read the same folder)."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the session's temporary folder, which holds one folder per worker
+    folder = shared / "ddp_run"
+    with open(shared / "ddp_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            launch(folder, *run_args("ddp"))
+            (folder / "done").touch()
     return folder
 
 

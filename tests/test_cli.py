@@ -186,6 +186,7 @@ def test_distill_overrides_apply(override, base_config, capsys):
     assert merged["model"]["init_args"].get("teacher") == base["model"]["init_args"].get("teacher")
 
 
+@pytest.mark.slow
 def test_distill_stages_export_and_student_test(in_tmp):
     """Teacher fit -> stage 1 (forcing) -> stage 2 (KD from stage 1) -> resume -> test -> export -> the exported
     student tested through the hybrid demo's config."""
@@ -285,6 +286,7 @@ def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, exp
     assert_one_line_error(run_main(tmp_path, monkeypatch, capsys, *args), expected)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_process_gives_one_line_error(tmp_path):
     """The same check through a real process once: what a user sees, no traceback, the exit code."""
     assert_one_line_error(run_cli(tmp_path, "fit", *BASE, "--data.init_args.resolution", "18"),

@@ -43,6 +43,7 @@ def test_compiled_hybrid_equals_eager():
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
 
 
+@pytest.mark.slow
 def test_compile_option_through_fit_test_predict(in_tmp):
     """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no
     code, so the test stays quick) and every stage runs through them."""

@@ -13,6 +13,8 @@ from lit_dimba.checkpoints import ema_state
 from lit_dimba.eval.prompt_following import SCORES
 from tests.conftest import DEMO, ROOT, STEPS, TINY, launch, run_args, run_here
 
+pytestmark = pytest.mark.slow
+
 DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
 FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
 TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
@@ -63,7 +65,6 @@ def test_ddp_fit_test_predict_with_every_callback(in_tmp):
     assert sorted(os.listdir("predictions"))[:3] == ["00000.png", "00001.png", "00002.png"]
 
 
-@pytest.mark.xdist_group("ddp")
 def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp, ddp_run):
     """Same seed, same run (conftest's run_args, with validation and sampling through the EMA): the weights and the
     EMA saved under FSDP equal DDP's (``ddp_run``); the FSDP checkpoint then resumes without FSDP on one process."""

@@ -9,6 +9,8 @@ import torch
 from lit_dimba.checkpoints import ema_state
 from tests.conftest import STEPS, launch, run_args, run_here
 
+pytestmark = pytest.mark.slow
+
 KILL = 5  # checkpoints every EVERY=2 of the STEPS=8 steps; killed after step 5, resumed from step 4
 
 
@@ -54,7 +56,6 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_on_one_process(tmp_p
     check_resumed_equals_straight(straight, tmp_path / "killed", 1)
 
 
-@pytest.mark.xdist_group("ddp")
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run_under_ddp(tmp_path, ddp_run):
     kill_and_resume(tmp_path / "killed", 2, "ddp")
     check_resumed_equals_straight(ddp_run, tmp_path / "killed", 2)
