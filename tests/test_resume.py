@@ -1,7 +1,7 @@
 """A run killed with SIGKILL and resumed from its last checkpoint continues exactly as if it had not stopped: the same
 losses step by step (bitwise on a CPU) and the same EMA, on one process and under DDP on two. The run is conftest's
-shared one (``run_args``: validation, sampling and the EMA on); under DDP its uninterrupted version is the
-``ddp_run`` that tests/test_distributed.py also compares FSDP with."""
+shared one (``run_args``: every callback, validation and sampling through the EMA); under DDP its uninterrupted
+version is the ``ddp_run`` that tests/test_distributed.py tests, predicts from and compares FSDP with."""
 
 import pytest
 import torch
