@@ -134,11 +134,18 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
 
 
+PRINTED: dict[tuple[str, ...], str] = {}  # configs -> what --print_config printed (in this process)
+
+
 def printed_config(capsys, *configs) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    """The full config of ``fit`` with ``configs``, as ``--print_config`` prints it; each set of configs is parsed once
+    per process (the overrides share a few base configs)."""
+    if configs not in PRINTED:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        PRINTED[configs] = capsys.readouterr().out
+    return yaml.safe_load(PRINTED[configs])
 
 
 def test_every_config_file_is_tested():
