@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 # Under pytest-xdist (make test: one worker per core) each worker gets its share of the cores for torch's threads,
 # and so do the processes it starts (OMP_NUM_THREADS): with every worker on every core, the tiny models' ops wait on
-# each other's threads and an in-process fit runs several times slower.
+# each other's threads and an in-process fit runs several times slower. (torch is imported here and in the helpers
+# that use it, not by the pytest-xdist controller, which loads this file too before it starts the workers.)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
     THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
@@ -96,6 +98,8 @@ def run_here(folder, *args) -> None:
     """``main(args)`` in this process, as ``launch(folder, *args, devices=1)`` runs it without starting a process:
     in ``folder``, with the callbacks of its launch.py importable, on one thread (as OMP_NUM_THREADS=1 there, so
     the two give the same floating point)."""
+    import torch
+
     from main import main
 
     (folder / "launch.py").write_text(LAUNCHER)
