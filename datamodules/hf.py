@@ -13,12 +13,9 @@ instead of repeating a neighbour in their place.
 import logging
 import os
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from datasets.distributed import split_dataset_by_node
 from torch.utils.data import Dataset
 
 from datamodules.buckets import nearest_bucket
@@ -27,7 +24,12 @@ from datamodules.records import (BadSample, EmptyCaption, RecordDataset, RecordD
                                  usable_records)
 from lit_dimba.errors import ConfigError
 
+if TYPE_CHECKING:
+    import datasets
+
 log = logging.getLogger("lit_dimba.data")
+# ``datasets`` (with pyarrow and pandas: about half a second) is imported where a source first loads its records, not
+# with this module, which every run of main.py imports.
 
 
 class HFDatasetSource(CaptionImageSource):
@@ -94,6 +96,8 @@ class HFDatasetSource(CaptionImageSource):
 
     def _load(self, split: str):
         """The split with its image column(s) left undecoded; a clear error for a missing split or column."""
+        import datasets
+
         try:
             records = datasets.load_dataset(**self.load_kwargs, split=split)
         except ValueError as error:
@@ -116,9 +120,12 @@ class HFDatasetSource(CaptionImageSource):
             records = records.filter(lambda r: r[column] is not None and r[column] >= least)
         return records
 
-    def _drop_empty_captions(self, records: datasets.Dataset, split: str) -> datasets.Dataset:
+    def _drop_empty_captions(self, records: "datasets.Dataset", split: str) -> "datasets.Dataset":
         """The rows whose caption is a non-blank string; the others are reported in one log line (how many, the
         first few by image path, else by row number in the split)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         column = records.with_format("arrow")[self.decode.caption_column]  # pa.ChunkedArray, one pass in Arrow
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True).to_numpy(zero_copy_only=False)
@@ -185,6 +192,8 @@ class HFDatasetSource(CaptionImageSource):
             return dataset
         if self.streaming:
             if train:
+                from datasets.distributed import split_dataset_by_node
+
                 records = records.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
                 records = split_dataset_by_node(records, rank=rank, world_size=world_size)
             return RecordStream(records, self.decode, size, repeat=train)

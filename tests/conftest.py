@@ -1,8 +1,28 @@
+import fcntl
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+# Under pytest-xdist (make test: one worker per core) each worker gets its share of the cores for torch's threads,
+# and so do the processes it starts (OMP_NUM_THREADS): with every worker on every core, the tiny models' ops wait on
+# each other's threads and an in-process fit runs several times slower. (torch is imported here and in the helpers
+# that use it, not by the pytest-xdist controller, which loads this file too before it starts the workers.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
+    THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (they start processes or train several runs) first, so that under pytest-xdist the short
+    ones fill the workers' time at the end instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -72,6 +92,81 @@ def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = Tr
         assert result.returncode == 0, result.stderr[-4000:]
         assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
     return result
+
+
+def run_here(folder, *args) -> None:
+    """``main(args)`` in this process, as ``launch(folder, *args, devices=1)`` runs it without starting a process:
+    in ``folder``, with the callbacks of its launch.py importable, on one thread (as OMP_NUM_THREADS=1 there, so
+    the two give the same floating point)."""
+    import torch
+
+    from main import main
+
+    (folder / "launch.py").write_text(LAUNCHER)
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    sys.path.insert(0, str(folder))
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    try:
+        main([*args, "--trainer.devices", "1"])
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        sys.path.remove(str(folder))
+        sys.modules.pop("launch", None)
+
+
+# The run that tests/test_distributed.py runs under DDP (with every callback) and repeats under FSDP, and that
+# tests/test_resume.py kills and resumes: the tiny run at depth 2 with gradient clipping (which FSDP does its own
+# way) and TINY's validation, STEPS steps with a checkpoint every EVERY steps kept, each step's loss and captions
+# written down (launch.RecordLosses, launch.RecordCaptions).
+STEPS, EVERY = 8, 2
+
+
+def run_args(strategy: str, *callbacks: dict, subcommand: str = "fit") -> list[str]:
+    """Arguments of that run under ``strategy``, with more ``callbacks``."""
+    # Not 5 callbacks, as many as TINY lists: jsonargparse merges a list of the same length item by item into the
+    # config's (the EMA would take every_n_steps: 2 from TINY's SampleLogger in its place).
+    listed = [{"class_path": "launch.RecordCaptions"},
+              {"class_path": "launch.RecordLosses"},
+              {"class_path": "callbacks.EMA", "init_args": {"decay": 0.5, "warmup": False}},
+              {"class_path": "callbacks.SampleLogger", "init_args": {"every_n_steps": 2, "prompts": ["a red circle"]}},
+              {"class_path": "callbacks.PromptFollowing", "init_args": {"num_prompts": 5, "batch_size": 2}},  # 3 + 2
+              {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"dirpath": "ckpt", "save_top_k": -1, "every_n_train_steps": EVERY, "save_last": True}},
+              {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+              {"class_path": "callbacks.ImageWriter", "init_args": {"output_dir": "predictions"}},
+              {"class_path": "callbacks.Throughput", "init_args": {"warmup_steps": 1, "output": "speed.json"}},
+              *callbacks]
+    return [subcommand, "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+            "--trainer.gradient_clip_val", "0.05", "--trainer.max_steps", str(STEPS),
+            "--trainer.callbacks", json.dumps(listed), "--trainer.strategy", strategy]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """The folder of that run under DDP on 2 processes: run once per test session, by the first pytest-xdist worker
+    that needs it (the others wait for it under a file lock and read the same folder)."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the session's temporary folder, which holds one folder per worker
+    folder = shared / "ddp_run"
+    with open(shared / "ddp_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            launch(folder, *run_args("ddp"))
+            (folder / "done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint of the tiny run at depth 2 (2 steps, in this process): the teacher of tests/configs/tiny_distill.yaml."""
+    folder = tmp_path_factory.mktemp("teacher")
+    run_here(folder, "fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    return str(folder / "ckpt" / "last.ckpt")
 
 
 BACKBONES = os.path.join(ROOT, "configs", "backbones")

@@ -2,21 +2,36 @@
 
 import json
 import os
-import subprocess
+import runpy
 import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow
 
-def test_hybrid_gpu_script_smoke(tmp_path):
+
+def run_script(monkeypatch, name: str, *args: str) -> None:
+    """``python benchmarks/<name> args`` from the repository root, run in this process (no interpreter start): the
+    script as ``__main__`` with its folder first on sys.path (for benchmarks/shared.py). Fails as the process
+    would, with the script's exception."""
+    path = os.path.join(ROOT, "benchmarks", name)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    monkeypatch.syspath_prepend(os.path.dirname(path))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.modules.pop("shared", None)
+
+
+def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), "--device", "cpu", "--tiny",
-         "--parts", "latency", "train", "distill", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
-         "128x64", "--modes", "eager", "--iters", "1",
-         "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results", str(results)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "latency", "train", "distill",
+               "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64", "128x64", "--modes", "eager", "--iters",
+               "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results",
+               str(results))
     rows = json.loads(results.read_text())
     latency = {(r["preset"], r["size"]): r for r in rows["latency"]}
     assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
@@ -31,36 +46,31 @@ def test_hybrid_gpu_script_smoke(tmp_path):
     assert 0 < stages["forcing"]["trained_m"] < stages["kd"]["trained_m"]
 
 
-def test_multi_gpu_script_smoke(tmp_path):
-    """Two CPU processes (gloo) stand in for two GPUs."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "multi_gpu.py"), "--device", "cpu", "--tiny", "--parts",
-         "speed", "--backbones", "dit-xl/2", "--strategies", "fsdp", "--warmup", "1", "--steps", "2", "--batch", "2",
-         "--out", str(tmp_path)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_multi_gpu_script_smoke(tmp_path, monkeypatch):
+    """Two CPU processes (gloo) stand in for two GPUs (the script starts main.py for each run)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_script(monkeypatch, "multi_gpu.py", "--device", "cpu", "--tiny", "--parts", "speed", "--backbones", "dit-xl/2",
+               "--strategies", "fsdp", "--warmup", "1", "--steps", "2", "--batch", "2", "--out", str(tmp_path))
     speeds = {path.parent.name: json.loads(path.read_text()) for path in tmp_path.glob("speed-*/speed.json")}
     assert set(speeds) == {"speed-dit-xl2-auto-1", "speed-dit-xl2-fsdp-2"}
     assert speeds["speed-dit-xl2-auto-1"]["world_size"] == 1 and speeds["speed-dit-xl2-fsdp-2"]["world_size"] == 2
     assert all(s["images_per_sec"] > 0 and s["steps"] == 2 for s in speeds.values())
 
 
-def test_t2md_study_script_smoke(tmp_path):
+def test_t2md_study_script_smoke(tmp_path, monkeypatch, capsys):
     """The whole study at toy size: the teacher trains and is exported, a row with teacher forcing runs both stages
     from it, the table reads their validation curves; a second call finds every unit done and only reports."""
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "t2md_study.py"), "--tiny", "--rows", "full",
-               "--seeds", "0", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    args = ["--tiny", "--rows", "full", "--seeds", "0", "--out", str(tmp_path)]
+    run_script(monkeypatch, "t2md_study.py", *args)
+    first = capsys.readouterr().out
     teacher = json.loads((tmp_path / "teacher" / "result.json").read_text())
     assert teacher["steps"] == 10 and [p["step"] for p in teacher["curve"]] == [5, 10]
     assert sorted(os.listdir(tmp_path / "teacher" / "export")) == ["backbone.yaml", "model.safetensors"]
     full = json.loads((tmp_path / "rows" / "full" / "seed0" / "result.json").read_text())
     assert full["budget"] == 2 and [p["step"] for p in full["curve"]] == [1, 2]  # stage 1, then stage 2
     assert not [name for _, _, names in os.walk(tmp_path) for name in names if name.endswith(".ckpt")]
-    assert "| + teacher forcing (full recipe) | " in result.stdout and (tmp_path / "curve.svg").exists()
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 0 and "0 units to run" in again.stdout
-    assert again.stdout[again.stdout.index("Teacher:"):] == result.stdout[result.stdout.index("Teacher:"):]
+    assert "| + teacher forcing (full recipe) | " in first and (tmp_path / "curve.svg").exists()
+    run_script(monkeypatch, "t2md_study.py", *args)
+    again = capsys.readouterr().out
+    assert "0 units to run" in again
+    assert again[again.index("Teacher:"):] == first[first.index("Teacher:"):]

@@ -293,7 +293,9 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
 
 
 def test_sampler_under_ddp(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: the ranks need no fresh interpreter that imports torch and this module again
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [(r["rank"], r["num_replicas"]) for r in results] == [(0, 2), (1, 2)]
     for epoch in range(2):

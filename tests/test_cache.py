@@ -167,6 +167,7 @@ def test_bad_caches_are_config_errors(tmp_path):
         CachedFeaturesSource(str(tmp_path / "half")).train_dataset(RESOLUTION)
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_cache_and_fit_trains_from_it(in_tmp):
     args = ["--config", DEMO, "--config", TINY, "--out", "cache", "--max_items", "12", "--shard_size", "4"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "2"}

@@ -1,5 +1,6 @@
 """The LightningCLI end to end on a seconds-long tiny run: fit, resume, test, predict, configs, bad input."""
 
+import contextlib
 import glob
 import json
 import os
@@ -137,11 +138,18 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
 
 
+PRINTED: dict[tuple[str, ...], str] = {}  # configs -> what --print_config printed (in this process)
+
+
 def printed_config(capsys, *configs) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    """The full config of ``fit`` with ``configs``, as ``--print_config`` prints it; each set of configs is parsed once
+    per process (the overrides share a few base configs)."""
+    if configs not in PRINTED:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        PRINTED[configs] = capsys.readouterr().out
+    return yaml.safe_load(PRINTED[configs])
 
 
 def test_every_config_file_is_tested():
@@ -194,6 +202,7 @@ def test_distill_overrides_apply(override, base_config, capsys):
         assert merged["model"]["init_args"].get("teacher") == base["model"]["init_args"].get("teacher")
 
 
+@pytest.mark.slow
 def test_distill_stages_export_and_student_test(in_tmp):
     """Teacher fit -> stage 1 (forcing) -> stage 2 (KD from stage 1) -> resume -> test -> export -> the exported
     student tested through the hybrid demo's config."""
@@ -230,8 +239,8 @@ def test_distill_stages_export_and_student_test(in_tmp):
     assert kd["global_step"] == 4
 
 
-def run_cli(tmp_path, *args, pythonpath: str = ROOT):
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+def run_cli(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -250,6 +259,20 @@ def run_main(folder, monkeypatch, capsys, *args):
     if isinstance(code, str):
         stderr, code = stderr + code + "\n", 1
     return subprocess.CompletedProcess(args, code, "", stderr)
+
+
+@contextlib.contextmanager
+def importable(folder):
+    """The modules in ``folder`` importable by class path (as PYTHONPATH=folder does for a process), then forgotten."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__file__", None) and sys.modules[name].__file__.startswith(str(folder)):
+                del sys.modules[name]
 
 
 def assert_one_line_error(result, *expected):
@@ -279,6 +302,7 @@ def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, exp
     assert_one_line_error(run_main(tmp_path, monkeypatch, capsys, *args), expected)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_process_gives_one_line_error(tmp_path):
     """The same check through a real process once: what a user sees, no traceback, the exit code."""
     assert_one_line_error(run_cli(tmp_path, "fit", *BASE, "--data.init_args.resolution", "18"),
@@ -301,7 +325,7 @@ class Other(DiffusionModule):
 '''
 
 
-def test_checkpoint_of_another_model_class(in_tmp):
+def test_checkpoint_of_another_model_class(in_tmp, monkeypatch, capsys):
     """LightningCLI builds the class a checkpoint was written by (from its saved hyperparameters) with the config's
     arguments: a checkpoint of another class tested with the DiffusionModule config is refused, naming both classes.
     Checkpoints written as lit_dimba.modules.TeacherDiT / HybridStudent (before issue 15) load as DiffusionModule."""
@@ -314,13 +338,13 @@ def test_checkpoint_of_another_model_class(in_tmp):
     torch.save(checkpoint, "other.ckpt")
     checkpoint["hyper_parameters"]["_class_path"] = "lit_dimba.modules.HybridStudent"
     torch.save(checkpoint, "hybrid.ckpt")
-    pythonpath = os.pathsep.join([ROOT, str(in_tmp)])
-    assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "other.ckpt", pythonpath=pythonpath),
-                          "--ckpt_path 'other.ckpt' was written by other.Other but the config "
-                          "builds lit_dimba.modules.DiffusionModule", "use the config the checkpoint was trained with")
-    assert_one_line_error(run_cli(in_tmp, "test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt",
-                                  "--model.init_args.backbone.init_args.layout", "[mamba_w, mamba_w]",
-                                  "--model.init_args.backbone.init_args.depth", "2"),
+    with importable(in_tmp):
+        assert_one_line_error(run_main(in_tmp, monkeypatch, capsys, "test", *BASE, *hybrid, "--ckpt_path", "other.ckpt"),
+                              "--ckpt_path 'other.ckpt' was written by other.Other but the config "
+                              "builds lit_dimba.modules.DiffusionModule", "use the config the checkpoint was trained with")
+    assert_one_line_error(run_main(in_tmp, monkeypatch, capsys, "test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt",
+                                   "--model.init_args.backbone.init_args.layout", "[mamba_w, mamba_w]",
+                                   "--model.init_args.backbone.init_args.depth", "2"),
                           "the checkpoint does not fit this model")
     main(["test", *BASE, *hybrid, "--ckpt_path", "hybrid.ckpt", "--trainer.callbacks", "[]"])  # an old class name
     main(["test", *BASE, *hybrid, "--ckpt_path", "ckpt/last.ckpt", "--model.class_path",
@@ -342,10 +366,10 @@ class Stop(Callback):
 '''
 
 
-def test_training_stopped_gives_one_line_error(tmp_path):
+def test_training_stopped_gives_one_line_error(tmp_path, monkeypatch, capsys):
     (tmp_path / "stopper.py").write_text(STOPPER)
-    result = run_cli(tmp_path, "fit", *BASE, "--trainer.callbacks", "stopper.Stop",
-                     pythonpath=os.pathsep.join([ROOT, str(tmp_path)]))
+    with importable(tmp_path):
+        result = run_main(tmp_path, monkeypatch, capsys, "fit", *BASE, "--trainer.callbacks", "stopper.Stop")
     assert_one_line_error(result, "error: step 0: stopped on purpose; resume with --ckpt_path")
 
 

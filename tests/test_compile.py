@@ -63,6 +63,7 @@ def test_compiled_released_dimba_equals_eager():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 def test_compile_option_through_fit_test_predict(in_tmp):
     """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no
     code, so the test stays quick) and every stage runs through them."""

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_dimba.checkpoints import ema_state
 from lit_dimba.eval.prompt_following import SCORES
-from tests.conftest import DEMO, ROOT, TINY, launch
+from tests.conftest import ROOT, STEPS, launch, run_args, run_here
+
+pytestmark = pytest.mark.slow
 
 DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
 FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
@@ -30,70 +33,56 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_ddp_fit_test_predict_with_every_callback(in_tmp):
-    callbacks = json.dumps([
-        {"class_path": "launch.RecordCaptions"},
-        {"class_path": "callbacks.EMA", "init_args": {"decay": 0.5, "warmup": False}},
-        {"class_path": "callbacks.SampleLogger", "init_args": {"every_n_steps": 2, "prompts": ["a red circle"]}},
-        {"class_path": "callbacks.PromptFollowing", "init_args": {"num_prompts": 5, "batch_size": 2}},  # 3 + 2
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": "ckpt", "save_last": True, "every_n_train_steps": 2}},
-        {"class_path": "callbacks.ImageWriter", "init_args": {"output_dir": "predictions"}},
-        {"class_path": "callbacks.Throughput", "init_args": {"warmup_steps": 1, "output": "speed.json"}},
-    ])
-    base = ["--config", DEMO, "--config", TINY, "--trainer.callbacks", callbacks, "--trainer.strategy", "ddp"]
-    launch(in_tmp, "fit", *base)
-    shards = [open(f"captions-{rank}.txt").read().splitlines() for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == 4 * 4  # 4 steps of batch 4 on each rank
+def test_ddp_fit_test_predict_with_every_callback(in_tmp, ddp_run):
+    """conftest's shared run (every callback) fitted under DDP (``ddp_run``), then tested and predicted from."""
+    shards = [(ddp_run / f"captions-{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == STEPS * 4  # STEPS steps of batch 4 on each rank
     assert not set(shards[0]) & set(shards[1]), "the ranks saw the same samples"
-    assert load("ckpt/last.ckpt")["global_step"] == 4
-    speed = json.load(open("speed.json"))
-    assert speed["world_size"] == 2 and speed["steps"] == 3 and speed["images_per_sec"] > 0
+    assert load(ddp_run / "ckpt" / "last.ckpt")["global_step"] == STEPS
+    speed = json.loads((ddp_run / "speed.json").read_text())
+    assert speed["world_size"] == 2 and speed["steps"] == STEPS - 1 and speed["images_per_sec"] > 0
     # the PromptFollowing callback scored on both ranks and logged its summed counts
-    scalars = EventAccumulator("logs/tiny/version_0").Reload().Tags()["scalars"]
+    scalars = EventAccumulator(str(ddp_run / "logs" / "tiny" / "version_0")).Reload().Tags()["scalars"]
     assert {f"val/prompt_following/{key}" for key in SCORES} <= set(scalars)
 
-    launch(in_tmp, "test", *base, "--ckpt_path", "ckpt/last.ckpt")
-    scores = json.load(open("logs/tiny/version_1/test_scores.json"))
+    checkpoint = str(ddp_run / "ckpt" / "last.ckpt")
+    launch(in_tmp, *run_args("ddp", subcommand="test"), "--ckpt_path", checkpoint)
+    scores = json.load(open("logs/tiny/version_0/test_scores.json"))
     assert set(scores["scores"]) == {"colour", "shape", "position", "size", "all"}
     with open("prompts.txt", "w") as f:
         f.write("a red circle\na blue square\na green triangle\n")
-    launch(in_tmp, "predict", *base, "--ckpt_path", "ckpt/last.ckpt", "--data.init_args.predict_prompts", "prompts.txt")
+    launch(in_tmp, *run_args("ddp", subcommand="predict"), "--ckpt_path", checkpoint,
+           "--data.init_args.predict_prompts", "prompts.txt")
     assert sorted(os.listdir("predictions"))[:3] == ["00000.png", "00001.png", "00002.png"]
 
 
-def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp):
-    """Same seed, same run: the weights and the EMA saved under FSDP equal DDP's; the FSDP checkpoint then resumes
-    without FSDP on one process."""
-    args = ["fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
-            "--trainer.max_steps", "4", "--trainer.gradient_clip_val", "0.05"]  # clipping is FSDP's own
-    (in_tmp / "ddp").mkdir()  # tiny.yaml fixes the checkpoint folder: one run folder per strategy
-    (in_tmp / "fsdp").mkdir()
-    launch(in_tmp / "ddp", *args, "--trainer.strategy", "ddp")
-    launch(in_tmp / "fsdp", *args, "--trainer.strategy", FSDP)
-    ddp, fsdp = load("ddp/ckpt/last.ckpt"), load("fsdp/ckpt/last.ckpt")
-    assert fsdp["global_step"] == 4 and set(fsdp["state_dict"]) == set(ddp["state_dict"])
+def test_fsdp_equals_ddp_and_resumes_on_one_process(in_tmp, ddp_run):
+    """Same seed, same run (conftest's run_args: validation, sampling and prompt-following scores through the EMA):
+    the weights and the EMA saved under FSDP equal DDP's (``ddp_run``); the FSDP checkpoint then resumes without
+    FSDP on one process."""
+    launch(in_tmp, *run_args(FSDP))
+    ddp, fsdp = load(ddp_run / "ckpt" / "last.ckpt"), load("ckpt/last.ckpt")
+    assert fsdp["global_step"] == STEPS and set(fsdp["state_dict"]) == set(ddp["state_dict"])
     assert all(k.startswith("model.") for k in fsdp["state_dict"]), "frozen encoders must not be gathered"
     assert max_difference(ddp["state_dict"], fsdp["state_dict"]) <= 1e-6
     assert max_difference(ema_shadow(ddp), ema_shadow(fsdp)) <= 1e-6
     assert max_difference(ema_shadow(fsdp), {k[6:]: v for k, v in fsdp["state_dict"].items()
                                              if k[6:] in ema_shadow(fsdp)}) > 0, "EMA must differ from the weights"
 
-    other = launch(in_tmp / "fsdp", *args, "--trainer.strategy", FSDP, "--model.init_args.backbone.init_args.depth", "1",
+    other = launch(in_tmp, *run_args(FSDP), "--model.init_args.backbone.init_args.depth", "1",
                    "--ckpt_path", "ckpt/last.ckpt", check=False)
     assert other.returncode != 0 and "does not fit this model (" in other.stderr and "blocks.1" in other.stderr
 
-    launch(in_tmp / "fsdp", *args, "--trainer.max_steps", "6", "--trainer.strategy", "auto",
-           "--ckpt_path", "ckpt/last.ckpt", devices=1)
-    resumed = load("fsdp/ckpt/last.ckpt")
-    assert resumed["global_step"] == 6
-    assert ema_state(resumed)["num_updates"] == 6
+    run_here(in_tmp, *run_args("auto"), "--trainer.max_steps", str(STEPS + 2), "--ckpt_path", "ckpt/last.ckpt")
+    resumed = load("ckpt/last.ckpt")
+    assert resumed["global_step"] == STEPS + 2
+    assert ema_state(resumed)["num_updates"] == STEPS + 2
 
 
 @pytest.mark.parametrize("stage", ["forcing", "kd"])
-def test_distillation_under_fsdp_leaves_the_teacher_whole(stage, in_tmp):
-    launch(in_tmp, "fit", "--config", DEMO, "--config", TINY, "--model.init_args.backbone.init_args.depth", "2",
-           "--trainer.max_steps", "2", "--trainer.strategy", "auto", devices=1)
+def test_distillation_under_fsdp_leaves_the_teacher_whole(stage, in_tmp, teacher_checkpoint):
+    (in_tmp / "ckpt").mkdir()
+    shutil.copy(teacher_checkpoint, in_tmp / "ckpt" / "last.ckpt")  # tiny_distill.yaml's teacher_checkpoint
     trained = load("ckpt/last.ckpt")
     teacher = {**trained["state_dict"], **{"model." + k: v for k, v in ema_shadow(trained).items()}}  # teacher_ema
     args = ["fit", "--config", DISTILL, "--config", TINY_DISTILL, "--trainer.strategy", FSDP,

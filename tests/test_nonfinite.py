@@ -70,6 +70,7 @@ def test_too_many_nan_losses_stop_the_run_in_one_line(in_tmp):
     assert "the last checkpoint is" in message and "ckpt/last.ckpt" in message and "--ckpt_path" in message
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     """Under DDP the ranks agree to drop the step (no rank waits in the gradient all-reduce for another)."""
     (tmp_path / "poison.py").write_text(POISON.replace("trainer.global_step in self.steps",

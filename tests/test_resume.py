@@ -1,15 +1,17 @@
 """A run killed with SIGKILL and resumed from its last checkpoint continues exactly as if it had not stopped: the same
-losses step by step (bitwise on a CPU) and the same EMA, on one process and under DDP on two."""
-
-import json
+losses step by step (bitwise on a CPU) and the same EMA, on one process and under DDP on two. The run is conftest's
+shared one (``run_args``: every callback, validation and sampling through the EMA); under DDP its uninterrupted
+version is the ``ddp_run`` that tests/test_distributed.py tests, predicts from and compares FSDP with."""
 
 import pytest
 import torch
 
 from lit_dimba.checkpoints import ema_state
-from tests.conftest import DEMO, TINY, launch
+from tests.conftest import STEPS, launch, run_args, run_here
 
-STEPS, KILL, EVERY = 8, 5, 2  # checkpoints at steps 2, 4, 6, 8; killed after step 5, resumed from step 4
+pytestmark = pytest.mark.slow
+
+KILL = 5  # checkpoints every EVERY=2 of the STEPS=8 steps; killed after step 5, resumed from step 4
 
 
 def losses(folder, rank: int) -> dict[int, str]:
@@ -18,28 +20,7 @@ def losses(folder, rank: int) -> dict[int, str]:
     return dict(zip(map(int, lines[::2]), lines[1::2]))
 
 
-def run(folder, devices: int, *extra, kill: bool = False):
-    callbacks = [{"class_path": "launch.RecordLosses"},
-                 {"class_path": "callbacks.EMA", "init_args": {"decay": 0.9, "warmup": False}},
-                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": "ckpt", "save_top_k": -1, "every_n_train_steps": EVERY, "save_last": True}}]
-    if kill:
-        callbacks.append({"class_path": "launch.KillAt", "init_args": {"step": KILL}})
-    args = ["fit", "--config", DEMO, "--config", TINY, "--trainer.max_steps", str(STEPS),
-            "--trainer.limit_val_batches", "0", "--trainer.callbacks", json.dumps(callbacks),
-            "--trainer.strategy", "ddp" if devices > 1 else "auto", *extra]
-    return launch(folder, *args, devices=devices, check=not kill)
-
-
-@pytest.mark.parametrize("devices", [1, 2])
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, devices):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    run(straight, devices)
-    result = run(killed, devices, kill=True)
-    assert result.returncode != 0 and not (killed / "ckpt" / "epoch=0-step=6.ckpt").exists(), "the run was not killed"
-    assert max(losses(killed, 0)) == KILL
-    run(killed, devices, "--ckpt_path", f"ckpt/epoch=0-step={KILL - 1}.ckpt")
+def check_resumed_equals_straight(straight, killed, devices: int):
     for rank in range(devices):
         expected, got = losses(straight, rank), losses(killed, rank)
         assert [got[s] for s in range(KILL, STEPS + 1)] == [expected[s] for s in range(KILL, STEPS + 1)], rank
@@ -52,3 +33,29 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, devices):
     if devices == 2:  # each rank has its own random stream (seeded by the run's seed and the rank)
         assert losses(straight, 0) != losses(straight, 1)
         assert not torch.equal(*final[0]["training_generators"])
+
+
+def kill_and_resume(killed, devices: int, strategy: str, resume=launch):
+    """The run killed after step KILL (a process of its own), then resumed from its checkpoint of step KILL - 1 with
+    ``resume`` (``launch``, or ``run_here`` on one process)."""
+    killed.mkdir()
+    kill = {"class_path": "launch.KillAt", "init_args": {"step": KILL}}
+    result = launch(killed, *run_args(strategy, kill), devices=devices, check=False)
+    assert result.returncode != 0 and not (killed / "ckpt" / "epoch=0-step=6.ckpt").exists(), "the run was not killed"
+    assert max(losses(killed, 0)) == KILL
+    extra = {"devices": devices} if resume is launch else {}
+    resume(killed, *run_args(strategy), "--ckpt_path", f"ckpt/epoch=0-step={KILL - 1}.ckpt", **extra)
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run_on_one_process(tmp_path):
+    """The uninterrupted run and the resume run in this process (run_here computes as a launched process does)."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_here(straight, *run_args("auto"))
+    kill_and_resume(tmp_path / "killed", 1, "auto", resume=run_here)
+    check_resumed_equals_straight(straight, tmp_path / "killed", 1)
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run_under_ddp(tmp_path, ddp_run):
+    kill_and_resume(tmp_path / "killed", 2, "ddp")
+    check_resumed_equals_straight(ddp_run, tmp_path / "killed", 2)

@@ -338,6 +338,7 @@ def test_training_steps_on_buckets_through_the_cli(in_tmp):
         main(args + ["--data.init_args.bucket_multiple", "2"])
 
 
+@pytest.mark.slow
 def test_ddp_with_buckets_finishes_every_epoch_on_both_ranks(in_tmp):
     """Two CPU processes (gloo) through Lightning's DDP, 2 epochs on uneven buckets: no rank waits at the end."""
     root = image_folder(in_tmp / "data", n=16, sizes=lambda i: SHAPES[i % 3])  # buckets of 6, 5 and 5 images
