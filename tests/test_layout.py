@@ -107,8 +107,9 @@ def test_every_backbone_file_builds():
     assert sizes["dit_xl2.yaml"] == (28, 610_856_096)
     assert sizes["dimba_l2.yaml"] == (56, 859_517_600) and sizes["dimba_mamba2_l2.yaml"][0] == 48
     assert sizes["t2md.yaml"][0] == sizes["mamba_xl2.yaml"][0] == 28
+    assert sizes["study_dit.yaml"] == (8, 9_092_460) and sizes["study_hybrid.yaml"][0] == 8
     assert set(sizes) == {"demo_dit.yaml", "demo_hybrid.yaml", "dimba_l2.yaml", "dimba_mamba2_l2.yaml", "dit_xl2.yaml",
-                          "mamba_xl2.yaml", "t2md.yaml"}
+                          "mamba_xl2.yaml", "t2md.yaml", "study_dit.yaml", "study_hybrid.yaml"}
     for name, extra in (("dimba_l2.yaml", BiMambaBlock), ("dimba_mamba2_l2.yaml", MambaLayer)):
         dimba = Backbone.from_file(os.path.join(BACKBONES, name), depth=1, hidden_size=32, num_heads=2,
                                    caption_channels=8, token_num=4)

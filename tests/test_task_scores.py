@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from callbacks import PromptFollowing
+from datamodules import CaptionImageDataModule
 from datamodules.synthetic import HeldOutRequests, SyntheticShapesSource
 from lit_dimba.eval.prompt_following import PromptFollowingScore, batch_scenes, judge_requests
 from lit_dimba.scenes import BACKGROUND
@@ -174,9 +175,10 @@ class StandInModel:
 
 
 def test_callback_logs_every_task():
-    source = SyntheticShapesSource(world="compositional", num_test_prompts=12)
-    trainer = SimpleNamespace(sanity_checking=False, datamodule=SimpleNamespace(source=source, resolution=64),
-                              global_rank=0, world_size=1)
+    datamodule = CaptionImageDataModule(SyntheticShapesSource(world="compositional", num_test_prompts=12),
+                                        resolution=64)
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    trainer = SimpleNamespace(sanity_checking=False, datamodule=datamodule, global_rank=0, world_size=1)
     model = StandInModel()
     PromptFollowing(num_prompts=12, batch_size=5).on_validation_epoch_end(trainer, model)
     assert set(model.logged) == {f"val/prompt_following/{key}" for key in KEYS}
