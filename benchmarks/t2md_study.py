@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from lit_dimba.checkpoints import export_backbone
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 TEACHER_CONFIGS = ["demo.yaml", "world/compositional.yaml", "study/teacher.yaml"]
@@ -210,9 +212,8 @@ class Study:
             curve = read_curve(os.path.join(logs, "teacher", "fit"))
             steps = curve[-1]["step"]  # training ends at a validation, unless the time limit cut it short
             best = max(curve, key=lambda point: point["overall"])  # the first of equal scores, as best.ckpt
-            subprocess.run([sys.executable, "-m", "lit_dimba.export", os.path.join(folder, "best.ckpt"), self.export],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            os.remove(os.path.join(self.export, "student.ckpt"))  # the students read model.safetensors
+            written = export_backbone(os.path.join(folder, "best.ckpt"), self.export)  # the EMA weights
+            os.remove(written["checkpoint"])  # the students read model.safetensors
             stopped = ("max_steps" if steps >= self.options.teacher_steps else
                        "no gain in 5 validations" if best["step"] + 5 * self.options.teacher_val_interval <= steps
                        else "time limit")
