@@ -30,6 +30,14 @@ KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
 
 
+def initial_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """mamba-ssm's dt bias init (Mamba-1 and Mamba-2): (n,) softplus^-1(dt), dt log-uniform in [dt_min, dt_max] and at
+    least dt_init_floor, so that softplus(bias) starts at dt."""
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(n) * (log_max - log_min) + log_min).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class RMSNormGated(nn.Module):
     """mamba-ssm's gated RMSNorm with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the RMS taken over
     groups of ``group_size`` channels; computed by ``mamba_ops.gated_rms_norm``, which also takes several x that
@@ -134,9 +142,7 @@ class Mamba2(nn.Module):
     def init_ssm_parameters(self):
         """mamba-ssm's init: dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (at least dt_init_floor);
         A_log = log(A), A uniform in A_init_range; D = 1."""
-        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
-        dt = torch.exp(torch.rand(self.nheads) * (log_max - log_min) + log_min).clamp(min=self.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(initial_dt_bias(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor))
         self.A_log.copy_(torch.empty(self.nheads).uniform_(*self.A_init_range).log())
         self.D.fill_(1.0)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.mamba import KERNELS
+from lit_dimba.models.mamba import KERNELS, initial_dt_bias
 from lit_dimba.models.mamba_ops import at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, selective_scan, \
     selective_scan_kernel
 
@@ -119,12 +119,10 @@ class BiMamba(nn.Module):
         dt_proj.bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (at least dt_init_floor);
         A_log = log(1..n) in every channel; D = 1."""
         std = self.dt_rank**-0.5 * self.dt_scale
-        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
         for dt_proj, A_log, D in ((self.dt_proj, self.A_log, self.D), (self.dt_proj_b, self.A_b_log, self.D_b)):
             dt_proj.weight.uniform_(-std, std)
-            dt = torch.exp(torch.rand(self.d_inner) * (log_max - log_min) + log_min).clamp(min=self.dt_init_floor)
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            dt_proj.bias.copy_(initial_dt_bias(self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor))
             A_log.copy_(A.log())
             D.fill_(1.0)
 
