@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from lit_dimba.convert.pixart import backbone_config
+from lit_dimba.convert.pixart import backbone_config, conversion_problems
 from lit_dimba.errors import ConfigError, describe_names
 from lit_dimba.models.backbone import Backbone
 
@@ -112,14 +112,8 @@ def convert_dimba_state(state: dict[str, torch.Tensor], source: str, num_heads: 
     unknown = [_renamed(name, to_theirs) for name in converted if name not in expected]
     shapes = [f"{_renamed(name, to_theirs)} {tuple(tensor.shape)} (expected {tuple(expected[name].shape)})"
               for name, tensor in converted.items() if name in expected and tensor.shape != expected[name].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
-    if unknown:
-        problems.append(f"{len(unknown)} tensors are not the released Dimba's: {describe_names(unknown)}")
-    if shapes:
-        problems.append(f"{len(shapes)} tensors have other shapes: {describe_names(shapes)}")
+    problems = conversion_problems(missing, unknown, "the released Dimba's", shapes)
     if problems:
         raise ConfigError(f"{source!r}: these Dimba weights do not convert ({config['depth']} PixArt blocks and "
-                          f"{len(mamba)} Mamba blocks read from them): {'; '.join(problems)}")
+                          f"{len(mamba)} Mamba blocks read from them): {problems}")
     return converted, config

@@ -85,6 +85,19 @@ def _expand(pattern: str, depth: int) -> list[dict]:
     return [{"i": i, "w": w} for i in blocks for w in params]
 
 
+def conversion_problems(missing: list[str], unknown: list[str], whose: str, shapes: list[str] = ()) -> str:
+    """What keeps a state dict from converting, in one clause per kind (empty when nothing does): the expected
+    tensors ``missing``, the ``unknown`` ones (not ``whose``), and ``shapes`` ("name (shape) (expected ...)")."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} tensors are not {whose}: {describe_names(unknown)}")
+    if shapes:
+        problems.append(f"{len(shapes)} tensors have other shapes: {describe_names(list(shapes))}")
+    return "; ".join(problems)
+
+
 def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v) a ``PixArtTransformer2DModel`` state dict to our names; an error names the
     diffusers tensors that are missing or left over."""
@@ -112,13 +125,9 @@ def convert_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[
             "classifier-free guidance and caption dropout use: diffusers' save_pretrained drops it. Convert the "
             "released weights (the hub's transformer/ folder or the original .pth), which hold it")
     unknown = sorted(k for k in state if k not in used)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} expected tensors are missing: {describe_names(missing)}")
-    if unknown:
-        problems.append(f"{len(unknown)} tensors are not PixArt-alpha's: {describe_names(unknown)}")
+    problems = conversion_problems(missing, unknown, "PixArt-alpha's")
     if problems:
-        raise ConfigError(f"these diffusers PixArt-alpha weights do not convert: {'; '.join(problems)}")
+        raise ConfigError(f"these diffusers PixArt-alpha weights do not convert: {problems}")
     return out
 
 
