@@ -437,9 +437,10 @@ class DiffusionModule(L.LightningModule):
         """Images of this rank's share of the prompts, without the padding (``PromptShare``): ``{"images": (B, 3, H,
         W), "caption": [B], "index": (B,)}``."""
         keep = scored(batch)
-        return {"images": self.generate_batch(batch)[torch.tensor(keep)],
+        mask = torch.tensor(keep)
+        return {"images": self.generate_batch(batch)[mask],
                 "caption": [caption for caption, kept in zip(batch["caption"], keep) if kept],
-                "index": batch["index"][torch.tensor(keep)]}
+                "index": batch["index"][mask]}
 
 
 def compile_options(setting: bool | str | dict, device: torch.device) -> dict | None:
