@@ -46,8 +46,9 @@ TASKS = ("single_object", "two_object", "counting", "colors", "position", "color
 SCORES = (*TASKS, "overall")
 TAG = "val/prompt_following/"
 
-# row -> (title, its files under configs/distill/ablations/, has a teacher-forcing stage). The last two rows are
-# not the paper's: they test the first fix for its ordering (stage 2 training every weight, not only the mixers).
+# row -> (title, its files under configs/distill/ablations/, has a teacher-forcing stage). The last three rows are
+# not the paper's: they test fixes for its ordering (stage 2 training every weight, not only the mixers; lighter
+# distillation weights).
 ROWS = {
     "scratch": ("hybrid from scratch", ("scratch",), False),
     "weight_copy": ("+ weight copy", ("weight_copy",), False),
@@ -58,6 +59,7 @@ ROWS = {
     "no_attention": ("full recipe, no self-attention", ("no_attention",), True),
     "weight_copy_all": ("+ weight copy, every weight trained", ("weight_copy", "train_all"), False),
     "full_all": ("full recipe, stage 2 trains every weight", ("train_all",), True),
+    "full_all_light": ("full recipe, every weight, a fifth of the KD weights", ("train_all", "light_kd"), True),
 }
 COST_ROWS = ("scratch", "full", "weight_copy_all")  # the rows of the cost table and the plot
 REACH = 0.95  # the cost table counts steps until a student first scores this share of the teacher's overall score
