@@ -1,7 +1,10 @@
 """lit-dimba command line (LightningCLI): ``python main.py {fit,validate,test,predict} --config configs/....yaml``.
 
-Models and data are chosen by ``class_path`` in YAML (subclass mode); callbacks and the logger are listed under
-``trainer``. ``fit`` saves the full resolved config next to the logs, and ``--ckpt_path`` resumes or evaluates.
+Models and data are chosen by ``class_path`` in YAML (subclass mode). ``configs/base.yaml`` is read before any
+``--config``: the logger and the callbacks every run has, each under a key of its own (``ema``, ``checkpoint``,
+``lr_monitor``, ``image_writer``: LightningCLI's always-present callbacks), so a config sets ``ema.decay`` without
+repeating a list; ``trainer.callbacks`` lists only a run's own callbacks. ``fit`` saves the full resolved config
+next to the logs, and ``--ckpt_path`` resumes or evaluates.
 """
 
 import os
@@ -14,13 +17,19 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks import EMA, ImageWriter
 from datamodules import CaptionImageDataModule
 from lit_dimba.conditioning.frozen import looks_local
 from lit_dimba.errors import ConfigError, TrainingStopped
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.yaml")
+# The callbacks every run has (their settings: configs/base.yaml, then each config), by config key
+BASE_CALLBACKS = {"ema": EMA, "checkpoint": ModelCheckpoint, "lr_monitor": LearningRateMonitor,
+                  "image_writer": ImageWriter}
 # Options that name files or folders, and what belongs there. ``pretrained`` may also be a hub id.
 PATH_OPTIONS = {
     "pretrained": "a Hugging Face model folder (config.json + weights; a hub id works when it is cached)",
@@ -130,9 +139,29 @@ def trainer_error(error: MisconfigurationException, options: Namespace) -> Confi
     return ConfigError(f"trainer{'.' + named[0] if named else ''}: {reason}")
 
 
+def base_callbacks(base: dict[str, Callback], listed: list[Callback], trainer: dict) -> list[Callback]:
+    """The base callbacks (config key -> callback) that join a run's ``listed`` ones: all except those whose class the
+    run lists itself (a config written before the base file existed, or a test's own EMA), the checkpoint when
+    ``trainer.enable_checkpointing`` is false, and the learning-rate monitor when there is no logger."""
+    keep = []
+    for key, callback in base.items():
+        if any(isinstance(other, type(callback)) for other in listed):
+            continue
+        if key == "checkpoint" and trainer.get("enable_checkpointing") is False:
+            continue
+        if key == "lr_monitor" and trainer.get("logger") is False:
+            continue
+        keep.append(callback)
+    return keep
+
+
 class DimbaCLI(LightningCLI):
-    """LightningCLI with one-line errors for bad options, a checkpoint of another model class and settings the
-    Trainer refuses, and path checks before anything heavy is built."""
+    """LightningCLI with the base callbacks of ``configs/base.yaml``, one-line errors for bad options, a checkpoint
+    of another model class and settings the Trainer refuses, and path checks before anything heavy is built."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key, callback in BASE_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -140,8 +169,13 @@ class DimbaCLI(LightningCLI):
             check_checkpoint_class(self.config[self.config.subcommand])
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        base = {key: self._get(self.config_init, key) for key in BASE_CALLBACKS}
         try:
-            return super().instantiate_trainer(**kwargs)
+            # the base callbacks first, as the configs listed EMA first (its swap-in precedes the others' hooks)
+            return self._instantiate_trainer({**config, "callbacks": base_callbacks(base, listed, config) + listed}, [])
         except MisconfigurationException as error:
             config = self.config[self.subcommand] if self.subcommand else self.config
             raise trainer_error(error, config.trainer) from error
@@ -172,7 +206,8 @@ def main(args: list[str] | None = None) -> None:
         # Any LightningModule by class_path (DiffusionModule, DistillModule): with the base class of subclass mode as the
         # class_path itself, LightningCLI's merge of a --ckpt_path's hyperparameters drops the config's init_args.
         DimbaCLI(LightningModule, CaptionImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args)
+                 save_config_kwargs={"overwrite": True}, parser_class=OneLineErrorParser, args=args,
+                 parser_kwargs={command: {"default_config_files": [BASE_CONFIG]} for command in DimbaCLI.subcommands()})
     except TrainingStopped as error:
         sys.exit(f"error: {error}")
     except ValueError as error:

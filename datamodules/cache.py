@@ -416,7 +416,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 class ModelAndDataCLI(LightningCLI):
-    """LightningCLI that instantiates the model and the data of a config only: no Trainer, devices or strategy."""
+    """LightningCLI that instantiates the model and the data of a config only: no Trainer, devices or strategy. It
+    reads ``configs/base.yaml`` first and knows its callback keys, as main.py does, so every training config
+    parses."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from main import BASE_CALLBACKS
+
+        for key, callback in BASE_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
         """Parse ``args``; sys.argv holds this command's own options, so LightningCLI's warning about it is moot."""
@@ -430,14 +438,14 @@ class ModelAndDataCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     # main.py is a script at the repository root, not part of the installed packages: only the command needs it.
-    from main import OneLineErrorParser, config_error_in
+    from main import BASE_CONFIG, OneLineErrorParser, config_error_in
 
     args, overrides = parse_args(argv)
     configs = [option for path in args.config for option in ("--config", path)]
     try:
         cli = ModelAndDataCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True,
                               subclass_mode_data=True, parser_class=OneLineErrorParser, run=False,
-                              save_config_callback=None, parser_kwargs={"prog": "python -m datamodules.cache"},
+                              save_config_callback=None, parser_kwargs={"prog": "python -m datamodules.cache", "default_config_files": [BASE_CONFIG]},
                               args=[*configs, *overrides, "--trainer.logger=false", "--trainer.callbacks=[]"])
         module, data = cli.model, cli.datamodule
         if torch.cuda.is_available():

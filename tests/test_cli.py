@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_dimba.checkpoints import ema_state
 from lit_dimba.export import main as export_main
-from main import main
+from main import BASE_CONFIG, main
 from tests.conftest import DEMO, ROOT, TINY
 
 BASE = ["--config", DEMO, "--config", TINY]
@@ -100,10 +100,28 @@ def test_resume_continues_step_and_ema(in_tmp):
 
 
 def test_callbacks_can_be_removed(in_tmp):
-    """An ablation drops callbacks from the YAML list; training, test and checkpointing still work."""
+    """An ablation drops the run's own callbacks from the YAML list and turns checkpointing off; training and test
+    still work, with the base file's EMA and no checkpoint written."""
     main(["fit", *BASE, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
+    assert not os.path.exists("ckpt")
     main(["test", *BASE, "--trainer.callbacks", "[]"])
     assert os.path.isfile("logs/tiny/version_1/test_scores.json")
+
+
+def test_base_callbacks_join_unless_the_run_has_its_own():
+    """The base file's callbacks join a run's list, except one whose class the run lists itself, the checkpoint
+    without checkpointing and the learning-rate monitor without a logger."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from callbacks import EMA, ImageWriter
+    from main import base_callbacks
+
+    base = {"ema": EMA(), "checkpoint": ModelCheckpoint(), "lr_monitor": LearningRateMonitor(),
+            "image_writer": ImageWriter()}
+    assert base_callbacks(base, [], {}) == list(base.values())
+    assert base_callbacks(base, [EMA(decay=0.5)], {}) == [base["checkpoint"], base["lr_monitor"], base["image_writer"]]
+    assert base_callbacks(base, [], {"enable_checkpointing": False, "logger": False}) == [base["ema"],
+                                                                                       base["image_writer"]]
 
 
 def test_checkpoint_of_another_architecture(in_tmp):
@@ -117,7 +135,7 @@ FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
 TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
 # Configs that stand alone, and those that override one of them (stage 1, ablation rows).
 T2MD = os.path.join(ROOT, "configs", "distill", "t2md_512.yaml")
-STANDALONE = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [DISTILL, T2MD]
+STANDALONE = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {BASE_CONFIG}) + [DISTILL, T2MD]
 # (override, the config it applies to, or the configs in order)
 OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
     (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))] + [
@@ -155,7 +173,7 @@ def printed_config(capsys, *configs) -> dict:
 def test_every_config_file_is_tested():
     every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
     backbones = glob.glob(os.path.join(ROOT, "configs", "backbones", "*.yaml"))  # tests/test_layout.py builds them
-    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES] + backbones))
+    assert sorted(every) == sorted(set(STANDALONE + [override for override, _ in OVERRIDES] + backbones + [BASE_CONFIG]))
 
 
 @pytest.mark.parametrize("config", STANDALONE)

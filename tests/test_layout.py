@@ -15,7 +15,7 @@ from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
 from lit_dimba.models.backbone import Backbone, BiMambaBlock, Block, MambaLayer
 from lit_dimba.models.mamba import Scan2D
 from lit_dimba.modules import DiffusionModule, DistillModule
-from main import main
+from main import BASE_CONFIG, main
 from tests.conftest import BACKBONES, DEMO, ROOT, tiny_backbone
 
 # Tensor names and shapes of six layouts as the code before issue 15 built them (the Dimba ones from layout
@@ -116,7 +116,7 @@ def test_every_backbone_file_builds():
         assert [type(block) for block in dimba.blocks] == [Block, extra]
 
 
-MODEL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) + [
+MODEL_CONFIGS = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {BASE_CONFIG}) + [
     os.path.join(ROOT, "configs", "distill", name) for name in ("demo.yaml", "t2md_512.yaml")]
 
 
@@ -141,11 +141,37 @@ def test_model_configs_build_their_backbones(config, capsys):
 
 
 def test_curriculum_keeps_the_model_configs_callbacks(capsys):
-    """An overlay appends its own callbacks (``trainer.callbacks+``): the model config's sample logger and image
-    writer stay, and the curriculum comes before the PE interpolation that follows it."""
-    base = [cb["class_path"] for cb in printed(capsys, DEMO)["trainer"]["callbacks"]]
+    """An overlay appends its own callbacks (``trainer.callbacks+``): the model config's sample logger stays, the
+    curriculum comes before the PE interpolation that follows it, and the base callbacks keep the model config's
+    settings except the folders, which the overlay moves to its own run."""
+    demo = printed(capsys, DEMO)
+    base = [cb["class_path"] for cb in demo["trainer"]["callbacks"]]
+    assert base == ["callbacks.SampleLogger"]
     for name in ("demo.yaml", "demo_extrapolate.yaml"):
         overlay = os.path.join(ROOT, "configs", "curriculum", name)
-        merged = [cb["class_path"] for cb in printed(capsys, DEMO, overlay)["trainer"]["callbacks"]]
-        assert merged == base + ["callbacks.ResolutionCurriculum", "callbacks.PEInterpolation"]
-    assert {"callbacks.SampleLogger", "callbacks.ImageWriter", "callbacks.EMA"} <= set(base)
+        merged = printed(capsys, DEMO, overlay)
+        assert [cb["class_path"] for cb in merged["trainer"]["callbacks"]] == base + [
+            "callbacks.ResolutionCurriculum", "callbacks.PEInterpolation"]
+        assert merged["ema"] == demo["ema"]
+        run = merged["trainer"]["logger"]["init_args"]["name"]
+        assert merged["checkpoint"]["dirpath"] == f"runs/{run}/checkpoints" != demo["checkpoint"]["dirpath"]
+        assert merged["checkpoint"]["every_n_train_steps"] == demo["checkpoint"]["every_n_train_steps"]
+
+
+BASE_CLASSES = {"callbacks.EMA", "lightning.pytorch.callbacks.ModelCheckpoint",
+                "lightning.pytorch.callbacks.LearningRateMonitor", "callbacks.ImageWriter"}
+
+
+CONFIG_FILES = sorted(set(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+                      - set(glob.glob(os.path.join(BACKBONES, "*.yaml"))) - {BASE_CONFIG})
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=lambda path: os.path.relpath(path, ROOT))
+def test_configs_leave_the_base_callbacks_to_the_base_file(config):
+    """No config lists a callback that configs/base.yaml holds (it would replace the base one: a copy), nor
+    repeats the base file's logger class."""
+    trainer = yaml.safe_load(open(config)).get("trainer") or {}
+    listed = {cb["class_path"] for key in ("callbacks", "callbacks+") for cb in trainer.get(key) or []}
+    assert not listed & BASE_CLASSES
+    assert "class_path" not in trainer.get("logger", {})
+    assert yaml.safe_load(open(BASE_CONFIG))["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
