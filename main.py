@@ -43,8 +43,15 @@ PATH_OPTIONS = {
 
 
 def one_line(message: str) -> str:
-    """Condense jsonargparse's nested validation report to ``key.path: innermost problem``."""
+    """Condense jsonargparse's nested validation report to ``key.path: innermost problem``; a sub-config file's
+    YAML error (a backbone file, say) becomes ``key.path: sub-config file F is not valid YAML: problem at line L,
+    column C``."""
     keys = [k for k in re.findall(r'Parser key "([^"]+)"', message)]
+    broken = re.search(r"Invalid content in (sub-config file \S+): (.+)\n\s*"
+                       r"in \"<unicode string>\", (line \d+, column \d+)", message)
+    if broken:
+        file, problem, place = broken.groups()
+        return f"{'.'.join(keys)}: {file} is not valid YAML: {problem} at {place}"
     noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
              "Problem with given class_path", "Parser key")
     lines = [line for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]

@@ -334,6 +334,13 @@ def test_yaml_syntax_error_names_the_config_file(tmp_path, monkeypatch, capsys):
                           "expected ',' or ']' (while parsing a flow sequence from line 3, column 22)")
 
 
+def test_yaml_syntax_error_in_a_backbone_file_names_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "backbone.yaml").write_text("class_path: lit_dimba.models.Backbone\ninit_args:\n  depth: 1: 2\n")
+    result = run_main(tmp_path, monkeypatch, capsys, "fit", *BASE, "--model.init_args.backbone", "backbone.yaml")
+    assert_one_line_error(result, "model.backbone: sub-config file backbone.yaml is not valid YAML: mapping values are "
+                          "not allowed in this context at line 3, column 11")
+
+
 OTHER_MODULE = '''
 from lit_dimba.modules import DiffusionModule
 
