@@ -19,26 +19,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from shared import ABLATION_ROWS  # benchmarks/shared.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "distill", "demo.yaml")
 FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
 TEACHER_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 
 
-def ablation(name: str) -> str:
-    return os.path.join(ROOT, "configs", "distill", "ablations", f"{name}.yaml")
-
-
-# row name -> (description, override file or None, has a teacher forcing stage)
-ROWS = {
-    "scratch": ("hybrid from scratch", ablation("scratch"), False),
-    "weight_copy": ("+ weight copy", ablation("weight_copy"), False),
-    "teacher_eps": ("+ teacher-eps loss", ablation("teacher_eps"), False),
-    "mixer_features": ("+ mixer-feature loss", ablation("mixer_features"), False),
-    "full": ("+ teacher forcing (full recipe)", None, True),
-    "unidirectional": ("full recipe, unidirectional scan", ablation("unidirectional"), True),
-    "no_attention": ("full recipe, no self-attention", ablation("no_attention"), True),
-}
+def ablation(files: tuple[str, ...]) -> list[str]:
+    """``--config`` options of a row's files under configs/distill/ablations/."""
+    return [arg for name in files for arg in ("--config", os.path.join(ROOT, "configs", "distill", "ablations",
+                                                                         f"{name}.yaml"))]
 
 
 def run(args: list[str], log_path: str) -> float:
@@ -65,12 +57,12 @@ def run_row(name: str, out: str, common: list[str], student: list[str]) -> dict:
         logger += ["--trainer.logger.init_args.version", "test"]
         test_dir = os.path.join(row_dir, "test")
     else:
-        _, override, forcing = ROWS[name]
+        _, files, forcing = ABLATION_ROWS[name]
         common = common + student
-        configs = ["--config", BASE] + (["--config", override] if override else [])
+        configs = ["--config", BASE, *ablation(files)]
         stage2 = []
         if forcing:
-            stage1 = ["--config", BASE, "--config", FORCING] + (["--config", override] if override else [])
+            stage1 = ["--config", BASE, "--config", FORCING, *ablation(files)]
             seconds["forcing"] = run(["fit", *stage1, *common, *logger], log)
             stage2 = ["--model.init_args.init_student", os.path.join(row_dir, "forcing", "checkpoints", "last.ckpt")]
         else:
@@ -88,7 +80,8 @@ def run_row(name: str, out: str, common: list[str], student: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", default=["teacher", *ROWS], choices=["teacher", *ROWS])
+    parser.add_argument("--rows", nargs="+", default=["teacher", *ABLATION_ROWS],
+                        choices=["teacher", *ABLATION_ROWS])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="rows trained at once")
@@ -110,7 +103,7 @@ def main() -> None:
         result = future.result()
         s = result["scores"]
         train = sum(v for k, v in result["seconds"].items() if k != "test")
-        title = "teacher (DiT)" if name == "teacher" else ROWS[name][0]
+        title = "teacher (DiT)" if name == "teacher" else ABLATION_ROWS[name][0]
         print(f"| {title} | {s['colour']:.3f} | {s['shape']:.3f} | {s['position']:.3f} | {s['size']:.3f} | "
               f"{s['all']:.3f} | {train:.0f} |")
 

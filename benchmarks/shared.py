@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the backbones by name, the stand-in VAE and the markdown tables they print."""
+"""What the benchmark scripts share: the backbones by name, T2MD's ablation rows, the stand-in VAE and the markdown
+tables they print."""
 
 import os
 
@@ -17,6 +18,19 @@ def backbone_arguments(name: str) -> dict:
     """The ``Backbone`` arguments (``init_args``) of ``backbone_file(name)``."""
     with open(backbone_file(name)) as f:
         return yaml.safe_load(f)["init_args"]
+
+
+# T2MD's ablation rows (its Table 4): name -> (title, its files under configs/distill/ablations/, whether it has a
+# teacher-forcing stage first). The full recipe is configs/distill/demo.yaml as it is.
+ABLATION_ROWS = {
+    "scratch": ("hybrid from scratch", ("scratch",), False),
+    "weight_copy": ("+ weight copy", ("weight_copy",), False),
+    "teacher_eps": ("+ teacher prediction", ("teacher_eps",), False),
+    "mixer_features": ("+ mixer features", ("mixer_features",), False),
+    "full": ("+ teacher forcing (full recipe)", (), True),
+    "unidirectional": ("full recipe, one-direction scan", ("unidirectional",), True),
+    "no_attention": ("full recipe, no self-attention", ("no_attention",), True),
+}
 
 
 # An f8 AutoencoderKL with a handful of channels: latents of the right shape at almost no cost.

@@ -35,6 +35,7 @@ import sys
 import time
 
 from lit_dimba.checkpoints import export_backbone
+from shared import ABLATION_ROWS  # benchmarks/shared.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -46,17 +47,10 @@ TASKS = ("single_object", "two_object", "counting", "colors", "position", "color
 SCORES = (*TASKS, "overall")
 TAG = "val/prompt_following/"
 
-# row -> (title, its files under configs/distill/ablations/, has a teacher-forcing stage). The last three rows are
-# not the paper's: they test fixes for its ordering (stage 2 training every weight, not only the mixers; lighter
-# distillation weights).
+# The paper's rows, then three that are not: they test fixes for its ordering (stage 2 training every weight, not
+# only the mixers; lighter distillation weights).
 ROWS = {
-    "scratch": ("hybrid from scratch", ("scratch",), False),
-    "weight_copy": ("+ weight copy", ("weight_copy",), False),
-    "teacher_eps": ("+ teacher prediction", ("teacher_eps",), False),
-    "mixer_features": ("+ mixer features", ("mixer_features",), False),
-    "full": ("+ teacher forcing (full recipe)", (), True),
-    "unidirectional": ("full recipe, one-direction scan", ("unidirectional",), True),
-    "no_attention": ("full recipe, no self-attention", ("no_attention",), True),
+    **ABLATION_ROWS,
     "weight_copy_all": ("+ weight copy, every weight trained", ("weight_copy", "train_all"), False),
     "full_all": ("full recipe, stage 2 trains every weight", ("train_all",), True),
     "full_all_light": ("full recipe, every weight, a fifth of the KD weights", ("train_all", "light_kd"), True),
