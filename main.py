@@ -11,6 +11,7 @@ import os
 import pydoc
 import re
 import sys
+from typing import Literal
 
 import torch
 import yaml
@@ -146,13 +147,23 @@ def trainer_error(error: MisconfigurationException, options: Namespace) -> Confi
     return ConfigError(f"trainer{'.' + named[0] if named else ''}: {reason}")
 
 
-def base_callbacks(base: dict[str, Callback], listed: list[Callback], trainer: dict) -> list[Callback]:
-    """The base callbacks (config key -> callback) that join a run's ``listed`` ones: all except those whose class the
-    run lists itself (a config written before the base file existed, or a test's own EMA), the checkpoint when
-    ``trainer.enable_checkpointing`` is false, and the learning-rate monitor when there is no logger."""
+def add_base_callback_arguments(parser: LightningArgumentParser) -> None:
+    """The base callbacks' keys (``ema``, ``checkpoint``, ...), and ``base_callbacks``: which of them a run has."""
+    for key, callback in BASE_CALLBACKS.items():
+        parser.add_lightning_class_args(callback, key)
+    parser.add_argument("--base_callbacks", type=list[Literal[tuple(BASE_CALLBACKS)]], default=list(BASE_CALLBACKS),
+                        help="the base callbacks this run has (drop one to run without it, e.g. the EMA)")
+
+
+def base_callbacks(base: dict[str, Callback], listed: list[Callback], trainer: dict,
+                   wanted: list[str] = tuple(BASE_CALLBACKS)) -> list[Callback]:
+    """The base callbacks (config key -> callback) that join a run's ``listed`` ones: the ``wanted`` ones
+    (``base_callbacks``), except those whose class the run lists itself (a config written before the base file
+    existed, or a test's own EMA), the checkpoint when ``trainer.enable_checkpointing`` is false, and the
+    learning-rate monitor when there is no logger."""
     keep = []
     for key, callback in base.items():
-        if any(isinstance(other, type(callback)) for other in listed):
+        if key not in wanted or any(isinstance(other, type(callback)) for other in listed):
             continue
         if key == "checkpoint" and trainer.get("enable_checkpointing") is False:
             continue
@@ -167,8 +178,7 @@ class DimbaCLI(LightningCLI):
     of another model class and settings the Trainer refuses, and path checks before anything heavy is built."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for key, callback in BASE_CALLBACKS.items():
-            parser.add_lightning_class_args(callback, key)
+        add_base_callback_arguments(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -180,9 +190,11 @@ class DimbaCLI(LightningCLI):
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
         base = {key: self._get(self.config_init, key) for key in BASE_CALLBACKS}
+        wanted = self._get(self.config_init, "base_callbacks")
         try:
             # the base callbacks first, as the configs listed EMA first (its swap-in precedes the others' hooks)
-            return self._instantiate_trainer({**config, "callbacks": base_callbacks(base, listed, config) + listed}, [])
+            callbacks = base_callbacks(base, listed, config, wanted) + listed
+            return self._instantiate_trainer({**config, "callbacks": callbacks}, [])
         except MisconfigurationException as error:
             config = self.config[self.subcommand] if self.subcommand else self.config
             raise trainer_error(error, config.trainer) from error

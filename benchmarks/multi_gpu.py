@@ -114,6 +114,7 @@ def speed(args) -> str:
                             "init_args": {"pretrained": None, "config": TINY_F8_VAE}}}},
                 "data": {"init_args": {"resolution": resolution, "batch_size": args.batch,
                                        "num_workers": workers(args, 6)}},
+                "base_callbacks": [],  # no EMA or checkpoint: the backbone's training step is what is timed
             }
             folder = run(f"speed-{name.replace('/', '')}-{label}-{devices}", args.out, devices, [TEACHER], overrides)
             result = json.load(open(os.path.join(folder, "speed.json")))
@@ -140,6 +141,7 @@ def loss(args) -> str:
     for label, devices, b, seed, strategy in runs:
         overrides = demo_overrides(args, b, steps, strategy=strategy, callbacks=[], enable_checkpointing=False)
         overrides["seed_everything"] = seed
+        overrides["base_callbacks"] = []  # val/loss of the trained weights, not of an EMA
         folder = run(f"loss-{devices}x{b}-seed{seed}", args.out, devices, [DEMO], overrides)
         rows.append([label, steps, f"{scalar(folder, 'val/loss'):.4f}", f"{scalar(folder, 'train/loss'):.4f}"])
     return table(["run", "steps", "val/loss", "last train/loss (rank 0)"], rows)

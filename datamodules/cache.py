@@ -421,10 +421,9 @@ class ModelAndDataCLI(LightningCLI):
     parses."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from main import BASE_CALLBACKS
+        from main import add_base_callback_arguments
 
-        for key, callback in BASE_CALLBACKS.items():
-            parser.add_lightning_class_args(callback, key)
+        add_base_callback_arguments(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
         """Parse ``args``; sys.argv holds this command's own options, so LightningCLI's warning about it is moot."""

@@ -100,12 +100,14 @@ def test_resume_continues_step_and_ema(in_tmp):
 
 
 def test_callbacks_can_be_removed(in_tmp):
-    """An ablation drops the run's own callbacks from the YAML list and turns checkpointing off; training and test
-    still work, with the base file's EMA and no checkpoint written."""
+    """An ablation drops the run's own callbacks from the YAML list, turns checkpointing off and drops the base
+    file's EMA; training and test still work, and no checkpoint or EMA state is written."""
     main(["fit", *BASE, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
     assert not os.path.exists("ckpt")
+    main(["fit", *BASE, "--trainer.callbacks", "[]", "--base_callbacks", "[checkpoint]", "--trainer.max_steps", "2"])
+    assert ema_state(torch.load("ckpt/last.ckpt", weights_only=True)) is None
     main(["test", *BASE, "--trainer.callbacks", "[]"])
-    assert os.path.isfile("logs/tiny/version_1/test_scores.json")
+    assert os.path.isfile("logs/tiny/version_2/test_scores.json")
 
 
 def test_base_callbacks_join_unless_the_run_has_its_own():
@@ -122,6 +124,7 @@ def test_base_callbacks_join_unless_the_run_has_its_own():
     assert base_callbacks(base, [EMA(decay=0.5)], {}) == [base["checkpoint"], base["lr_monitor"], base["image_writer"]]
     assert base_callbacks(base, [], {"enable_checkpointing": False, "logger": False}) == [base["ema"],
                                                                                        base["image_writer"]]
+    assert base_callbacks(base, [], {}, wanted=["checkpoint"]) == [base["checkpoint"]]
 
 
 def test_checkpoint_of_another_architecture(in_tmp):
