@@ -3,7 +3,7 @@
 import glob
 import json
 import os
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -20,7 +20,7 @@ from lit_dimba.errors import ConfigError
 from lit_dimba.models import Backbone
 from lit_dimba.modules import DiffusionModule
 from main import main
-from tests.conftest import DEMO, ROOT, TINY
+from tests.conftest import DEMO, TINY
 from tests.test_conditioning import TINY_VAE_CONFIG
 
 RESOLUTION = 16
@@ -168,13 +168,15 @@ def test_bad_caches_are_config_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_command_line_writes_the_cache_and_fit_trains_from_it(in_tmp):
+@pytest.mark.filterwarnings("ignore:'datamodules.cache' found in sys.modules")  # runpy: the test module imported it
+def test_command_line_writes_the_cache_and_fit_trains_from_it(in_tmp, monkeypatch, capsys):
     args = ["--config", DEMO, "--config", TINY, "--out", "cache", "--max_items", "12", "--shard_size", "4"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "2"}
-    run = subprocess.run([sys.executable, "-m", "datamodules.cache", *args], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "wrote 6 of 12 items (train) in 2 shards to cache (writer 0 of 2)" in run.stdout
+    # `python -m datamodules.cache` as writer 0 of 2 (ranks from the environment), run in this process
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["python -m datamodules.cache", *args])
+    runpy.run_module("datamodules.cache", run_name="__main__", alter_sys=True)
+    assert "wrote 6 of 12 items (train) in 2 shards to cache (writer 0 of 2)" in capsys.readouterr().out
     cache_main([*args, "--rank", "1", "--world_size", "2"])
     assert sorted(os.listdir("cache")) == ["manifest-00000.json", "manifest-00001.json",
                                            "shard-00000-00000.safetensors", "shard-00000-00001.safetensors",
