@@ -1,3 +1,4 @@
+import contextlib
 import fcntl
 import json
 import os
@@ -94,6 +95,20 @@ def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = Tr
     return result
 
 
+@contextlib.contextmanager
+def importable(folder):
+    """The modules in ``folder`` importable by class path (as PYTHONPATH=folder does for a process), then forgotten."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__file__", None) and sys.modules[name].__file__.startswith(str(folder)):
+                del sys.modules[name]
+
+
 def run_here(folder, *args) -> None:
     """``main(args)`` in this process, as ``launch(folder, *args, devices=1)`` runs it without starting a process:
     in ``folder``, with the callbacks of its launch.py importable, on one thread (as OMP_NUM_THREADS=1 there, so
@@ -104,16 +119,14 @@ def run_here(folder, *args) -> None:
 
     (folder / "launch.py").write_text(LAUNCHER)
     cwd, threads = os.getcwd(), torch.get_num_threads()
-    sys.path.insert(0, str(folder))
     os.chdir(folder)
     torch.set_num_threads(1)
     try:
-        main([*args, "--trainer.devices", "1"])
+        with importable(folder):
+            main([*args, "--trainer.devices", "1"])
     finally:
         torch.set_num_threads(threads)
         os.chdir(cwd)
-        sys.path.remove(str(folder))
-        sys.modules.pop("launch", None)
 
 
 # The run that tests/test_distributed.py runs under DDP (with every callback) and repeats under FSDP, and that

@@ -1,6 +1,5 @@
 """The LightningCLI end to end on a seconds-long tiny run: fit, resume, test, predict, configs, bad input."""
 
-import contextlib
 import glob
 import json
 import os
@@ -16,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lit_dimba.checkpoints import ema_state
 from lit_dimba.export import main as export_main
 from main import BASE_CONFIG, main
-from tests.conftest import DEMO, ROOT, TINY
+from tests.conftest import DEMO, ROOT, TINY, importable
 
 BASE = ["--config", DEMO, "--config", TINY]
 
@@ -280,20 +279,6 @@ def run_main(folder, monkeypatch, capsys, *args):
     if isinstance(code, str):
         stderr, code = stderr + code + "\n", 1
     return subprocess.CompletedProcess(args, code, "", stderr)
-
-
-@contextlib.contextmanager
-def importable(folder):
-    """The modules in ``folder`` importable by class path (as PYTHONPATH=folder does for a process), then forgotten."""
-    before = set(sys.modules)
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(folder))
-        for name in set(sys.modules) - before:
-            if getattr(sys.modules[name], "__file__", None) and sys.modules[name].__file__.startswith(str(folder)):
-                del sys.modules[name]
 
 
 def assert_one_line_error(result, *expected):
