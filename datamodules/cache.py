@@ -444,7 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli = ModelAndDataCLI(DiffusionModule, CaptionImageDataModule, subclass_mode_model=True,
                               subclass_mode_data=True, parser_class=OneLineErrorParser, run=False,
-                              save_config_callback=None, parser_kwargs={"prog": "python -m datamodules.cache", "default_config_files": [BASE_CONFIG]},
+                              save_config_callback=None,
+                              parser_kwargs={"prog": "python -m datamodules.cache",
+                                             "default_config_files": [BASE_CONFIG]},
                               args=[*configs, *overrides, "--trainer.logger=false", "--trainer.callbacks=[]"])
         module, data = cli.model, cli.datamodule
         if torch.cuda.is_available():
