@@ -53,6 +53,7 @@ from datamodules.cache import CachedEncoders
 from lit_dimba.conditioning import LatentVAE, TinyT5TextEncoder
 from lit_dimba.diffusion.cuda_graph import CUDAGraphStep
 from lit_dimba.models.backbone import Backbone, MambaConfig
+from lit_dimba.models.embeddings import Mlp
 from lit_dimba.models.mamba import Mamba2, Scan2D
 from lit_dimba.modules import DiffusionModule, DistillModule, Sampling
 from lit_dimba.models.mamba_ops import selective_scan_kernel
@@ -186,6 +187,22 @@ def check(args) -> str:
     cfg = dict(d_state=16, headdim=16, chunk_size=32) if tiny else dict(d_state=256, headdim=64, chunk_size=256)
     fused_kernel = "mamba_ssm" if device == "cuda" else "torch"
     torch.set_float32_matmul_precision("highest")  # fp32 means fp32 here (Triton's own dots still use TF32)
+    # The lean 2-D scan first (its Triton conv and norm, mamba-ssm's scan; causal-conv1d's conv backward) vs PyTorch,
+    # fp32, outputs and gradients.
+    grid = (8, 10) if tiny else (64, 64)
+    scans = []
+    for kernel in ("torch", "auto"):
+        torch.manual_seed(0)
+        scan = Scan2D(d_model, "h", kernel=kernel, **cfg).to(device)
+        scan.grid = grid
+        scans.append(scan)
+    xs = torch.randn(2, grid[0] * grid[1], d_model, device=device)
+    w2 = torch.randn(xs.shape, device=device, dtype=torch.float64)
+    rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, fp32", run_mamba(scans[1], xs, w2),
+                        run_mamba(scans[0], xs, w2), 2e-3))
+    rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, bf16",
+                        run_mamba(scans[1].bfloat16(), xs.bfloat16(), w2),
+                        run_mamba(scans[0].bfloat16(), xs.bfloat16(), w2), 1e-2))
     torch.manual_seed(0)
     ours = Mamba2(d_model, kernel="torch", **cfg).to(device)
     fused = Mamba2(d_model, kernel=fused_kernel, **cfg).to(device)
@@ -221,19 +238,19 @@ def check(args) -> str:
                        f"{err:.2e}", "-", "2e-3", "ok" if err <= 2e-3 else "FAIL"]
                 record("check", {"comparison": row[0], "output": row[1]})
                 rows.append(row)
-    # The lean 2-D scan: CUDA kernels (mamba-ssm scan, causal-conv1d conv in eager) vs PyTorch, fp32.
-    grid = (8, 10) if tiny else (64, 64)
-    scans = []
-    for kernel in ("torch", "auto"):
-        torch.manual_seed(0)
-        scan = Scan2D(d_model, "h", kernel=kernel, **cfg).to(device)
-        scan.grid = grid
-        scans.append(scan)
-    xs = torch.randn(2, grid[0] * grid[1], d_model, device=device)
-    w2 = torch.randn(xs.shape, device=device, dtype=torch.float64)
-    rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, fp32", run_mamba(scans[1], xs, w2),
-                        run_mamba(scans[0], xs, w2), 2e-3))
     torch.set_float32_matmul_precision("high")
+    # The MLP without gradients on CUDA (fc1 and GELU as one GEMM with cuBLASLt's GELU epilogue) vs the two steps.
+    mlp = Mlp(d_model, 4 * d_model).to(device, torch.bfloat16)
+    xm = torch.randn(2, length, d_model, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        one_gemm = mlp(xm)
+    with torch.enable_grad():
+        two_steps = mlp(xm).detach()
+    err = rel_err(one_gemm, two_steps)
+    row = ["Mlp without gradients (GELU epilogue on CUDA) vs with, bf16", f"{err:.2e}", "-", "1e-2",
+           "ok" if err <= 1e-2 else "FAIL"]
+    record("check", {"comparison": row[0], "output": row[1]})
+    rows.append(row)
     # Compiled vs eager backbones, bf16 weights, 512^2 and 1024x512 (a non-square grid).
     for preset in args.presets:
         torch.manual_seed(0)

@@ -221,8 +221,8 @@ def test_scan2d_directions_share_one_call(monkeypatch):
     calls = []
     for name in ("in_projection", "scan"):
         method = getattr(scan.mamba, name)
-        monkeypatch.setattr(scan.mamba, name, lambda x, name=name, method=method: calls.append((name, x.shape[0]))
-                            or method(x))
+        monkeypatch.setattr(scan.mamba, name, lambda x, *rest, name=name, method=method:
+                            calls.append((name, x.shape[0])) or method(x, *rest))
     scan(torch.randn(3, 8, 16), (2, 4))
     assert calls == [("in_projection", 3), ("scan", 6)]
 

@@ -1,14 +1,20 @@
 """The Mamba-2 operators: the PyTorch conv against nn.Conv1d, and the custom ops ``lit_dimba::ssd_scan`` and
 ``lit_dimba::gated_rms_norm_forward`` (on a CPU their kernels are the PyTorch references): schema, fake and autograd
-registrations, gradients, and tracing by torch.compile."""
+registrations, gradients, and tracing by torch.compile; the gated norm's Triton kernel in Triton's interpreter."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_dimba.models.mamba_ops import (causal_conv1d_reference, causal_conv1d_silu, gated_rms_norm, gather_rows,
-                                        ssd_reference, ssd_scan)
+from lit_dimba.models.mamba import scan_gathers, scan_orders
+from lit_dimba.models.mamba_ops import (causal_conv1d_reference, causal_conv1d_silu, gated_rms_norm,
+                                        gathered_causal_conv1d_silu, gather_rows, ssd_reference, ssd_scan)
+from tests.conftest import ROOT
 
 
 def scan_inputs(dtype=torch.float64, b=2, l=11, h=4, p=3, g=2, n=5, seed=0, requires_grad=False):
@@ -75,24 +81,101 @@ def test_gather_rows_op():
         gather_rows(x, index).sum().backward()
 
 
+def conv_inputs(dtype=torch.float64, b=2, grid=(3, 4), w=7, channels=5, k=4):
+    """Rows x (b, h * w, w) with strided rows (a slice of a wider in_proj output), the maps of a bidirectional
+    height-first scan, and conv weight (channels, k) and bias."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, grid[0] * grid[1], w + 3, generator=gen, dtype=dtype)[..., 3:]
+    to_scan, to_rows = scan_gathers(scan_orders(grid, "h", True, torch.device("cpu")))
+    return x, to_scan, to_rows, torch.randn(channels, k, generator=gen, dtype=dtype), torch.randn(channels,
+                                                                                                   generator=gen,
+                                                                                                   dtype=dtype)
+
+
+def expected_conv(x, to_scan, weight, bias):
+    """The sequences x[:, to_scan] one by one through nn.Conv1d's causal conv and SiLU, the other columns as they
+    are: (b * S, m, w)."""
+    channels, k = weight.shape
+    sequences = x[:, to_scan].reshape(-1, x.shape[1], x.shape[2])
+    conv = F.conv1d(sequences[..., :channels].transpose(1, 2), weight[:, None], bias, padding=k - 1, groups=channels)
+    return torch.cat([F.silu(conv[..., : x.shape[1]]).transpose(1, 2), sequences[..., channels:]], dim=-1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gathered_conv(fused):
+    """The conv along the scan sequences of strided rows, the op's registrations and its gradients (each row's the
+    sum over the sequences it is in)."""
+    x, to_scan, to_rows, weight, bias = conv_inputs()
+    channels = weight.shape[0]
+    if fused:
+        torch.library.opcheck(torch.ops.lit_dimba.gather_conv1d_silu.default,
+                              (x.requires_grad_(), to_scan, to_rows, weight.requires_grad_(), bias, channels))
+    conv, rest = gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, fused)
+    torch.testing.assert_close(torch.cat([conv, rest], -1), expected_conv(x, to_scan, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, weight, bias: torch.cat(gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels,
+                                                                      fused), -1),
+        (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
+
+
+def norm_inputs(dtype=torch.float64, b=2, n=5, S=2, d=8):
+    """Scan outputs y (b, n * S, d) in a shuffled order, the row index of each token's S outputs (n, S), a gate z
+    (b * n, d) with strided rows (the gate's slice of in_proj's output) and a weight (d,)."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(b, n * S, d, generator=gen, dtype=dtype)
+    rows = torch.randperm(n * S, generator=gen).view(n, S)
+    z = torch.randn(b * n, d + 3, generator=gen, dtype=dtype)[:, :d]
+    weight = torch.rand(d, generator=gen, dtype=dtype) + 0.5
+    return y, rows, z, weight
+
+
+def expected_norm(y, rows, z, weight, group):
+    """rmsnorm(y_s * silu(z)) * weight per token and output s, written out: ((b * n, S, d), rstd (b * n, S, groups))."""
+    b, _, d = y.shape
+    n, S = rows.shape
+    u = (y[:, rows].reshape(b * n, S, d) * (z * torch.sigmoid(z))[:, None]).view(b * n, S, d // group, group)
+    rstd = 1 / (u.square().mean(-1) + 1e-5).sqrt()
+    return (u * rstd[..., None]).view(b * n, S, d) * weight, rstd
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_gated_rms_norm(fused):
-    """rmsnorm(y_s * silu(z)) * weight per group of channels, for two outputs y_s sharing a strided gate z; the op's
-    registrations (opcheck) and its gradients, which sum over the outputs for z and weight."""
-    gen = torch.Generator().manual_seed(0)
-    r, S, d, group = 5, 2, 8, 4
-    y = torch.randn(r, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    zxbc = torch.randn(r, d + 3, generator=gen, dtype=torch.float64)
-    z = zxbc[:, :d].requires_grad_()  # rows strided, as the gate's slice of in_proj's output
-    weight = (torch.rand(d, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    got = gated_rms_norm(y, z, weight, group, 1e-5, fused)
-    for s in range(S):
-        u = (y[:, s] * z * torch.sigmoid(z)).view(r, d // group, group)
-        expected = (u / (u.square().mean(-1, keepdim=True) + 1e-5).sqrt()).view(r, d) * weight
-        torch.testing.assert_close(got[:, s], expected)
+    """rmsnorm(y_s * silu(z)) * weight per group of channels, for the two outputs y_s of each token, read through a
+    row index and sharing a strided gate z; the op's registrations (opcheck) and its gradients, which sum over the
+    outputs for z and weight and go back to y's rows."""
+    group = 4
+    y, rows, z, weight = (t.requires_grad_(t.is_floating_point()) for t in norm_inputs())
+    got = gated_rms_norm(y, rows, z, weight, group, 1e-5, fused)
+    torch.testing.assert_close(got, expected_norm(y, rows, z, weight, group)[0])
     if fused:
-        torch.library.opcheck(torch.ops.lit_dimba.gated_rms_norm_forward.default, (y, z, weight, group, 1e-5))
-    grads = torch.autograd.grad((got * torch.randn(got.shape, generator=gen, dtype=got.dtype)).sum(), (y, z, weight))
-    for grad, tensor in zip(grads, (y, z, weight)):
-        assert grad.shape == tensor.shape and grad.abs().sum() > 0
-    assert torch.autograd.gradcheck(lambda *a: gated_rms_norm(*a, group, 1e-5, fused), (y, z, weight))
+        torch.library.opcheck(torch.ops.lit_dimba.gated_rms_norm_forward.default, (y, rows, z, weight, group, 1e-5))
+    assert torch.autograd.gradcheck(lambda y, z, weight: gated_rms_norm(y, rows, z, weight, group, 1e-5, fused),
+                                    (y, z, weight))
+
+
+def check_triton_kernels():
+    """The Triton kernels of ``Scan2D`` on CPU tensors against ``expected_conv`` and ``expected_norm`` (run where
+    TRITON_INTERPRET=1 was set before triton was first imported)."""
+    from lit_dimba.models.scan2d_kernels import gated_rms_norm_rows, gather_causal_conv1d_silu
+
+    x, to_scan, _, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130)
+    got = gather_causal_conv1d_silu(x, to_scan, conv_weight, conv_bias, 130)
+    torch.testing.assert_close(got, expected_conv(x, to_scan, conv_weight, conv_bias))
+
+    y, rows, z, weight = norm_inputs(torch.float32, d=12)
+    group = 6
+    out, rstd = gated_rms_norm_rows(y, rows, z, weight, group, 1e-5)
+    expected, expected_rstd = expected_norm(y, rows, z, weight, group)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(rstd, expected_rstd.permute(1, 2, 0).reshape(rows.shape[1], -1))  # [s, g * rows + r]
+
+
+def test_scan2d_triton_kernels_in_the_interpreter():
+    """The CUDA forwards' Triton kernels, run by Triton's interpreter on the CPU (in a process of its own: the variable
+    must be set before triton's own jit functions are built). The conv: two batch elements' strided rows along a
+    bidirectional height-first scan, over more than one block of steps and of columns. The norm: the outputs of two
+    batch elements read through the row index against a strided gate, and rstd where mamba-ssm's backward reads
+    it."""
+    pytest.importorskip("triton")
+    subprocess.run([sys.executable, "-c", "from tests.test_mamba_ops import check_triton_kernels; check_triton_kernels()"],
+                   cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)

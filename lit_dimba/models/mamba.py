@@ -3,13 +3,13 @@
 ``Mamba2`` names and shapes its parameters like ``mamba_ssm.modules.mamba2.Mamba2`` (mamba-ssm 2.2/2.3) with
 its default options (ngroups=1, rmsnorm=True, norm_before_gate=False, bias=False, conv_bias=True), so state
 dicts load in either direction. Its conv, scan and gated norm are the functions of ``lit_dimba.models.mamba_ops``:
-mamba-ssm's fused Triton scan and gated norm and causal-conv1d's conv on CUDA (optional installs), plain PyTorch
-anywhere; the ``kernel`` argument picks at run time.
+mamba-ssm's fused Triton scan, our Triton gated norm (with mamba-ssm's backward) and causal-conv1d's conv on CUDA
+(optional installs), plain PyTorch anywhere; the ``kernel`` argument picks at run time.
 
 ``Scan2D`` runs one ``Mamba2`` over a token grid in several scan orders (row- or column-first, forwards and
 backwards) with work shared between them: the per-token layers (``in_proj``, the gated norm, ``out_proj`` and the
 fusion) see every token once, in row-major order; only the conv and the scan, which depend on the order, run on
-the sequences, which one gather builds and one gather undoes.
+the sequences, which one gather builds; the gated norm reads their outputs back in row-major order.
 
 Shapes: b batch, l sequence length, h heads, p head dim, g groups, n state size; B, N, C batch, tokens and width
 of the image-token sequence, S the number of scan sequences (2 when bidirectional).
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gather_rows,
-                                        gated_rms_norm, mamba_ssm_norm_functions, mamba_ssm_scan_functions,
-                                        ssd_reference, ssd_scan)
+from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu,
+                                        gated_rms_norm, gathered_causal_conv1d_silu, mamba_ssm_norm_backward,
+                                        mamba_ssm_scan_functions, scan2d_kernels, ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
@@ -41,10 +41,11 @@ def initial_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float) 
 class RMSNormGated(nn.Module):
     """mamba-ssm's gated RMSNorm with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the RMS taken over
     groups of ``group_size`` channels; computed by ``mamba_ops.gated_rms_norm``, which also takes several x that
-    share one z (the directions of a bidirectional scan).
+    share one z (the directions of a bidirectional scan) and reads them through a row index.
 
-    forward: x (r, S, dim), z (r, dim) -> (r, S, dim) in x.dtype, computed in at least float32; ``fused``: mamba-ssm's
-    Triton kernel (CUDA) rather than the PyTorch form.
+    forward: x (b, m, dim) rows in any order, rows (n, S) int64 (token t's s-th x is x[:, rows[t, s]]), z (b * n, dim)
+    -> (b * n, S, dim) in x.dtype, computed in at least float32; ``fused``: the Triton kernel (CUDA) rather than the
+    PyTorch form.
     """
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
@@ -53,8 +54,8 @@ class RMSNormGated(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps, fused)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return gated_rms_norm(x, rows, z, self.weight, self.group_size, self.eps, fused)
 
 
 class Mamba2(nn.Module):
@@ -63,8 +64,8 @@ class Mamba2(nn.Module):
     in_proj gives z (gate, d_inner), xBC (conv_dim = d_inner + 2 * ngroups * d_state) and dt (nheads);
     xBC goes through a causal depthwise conv and SiLU and splits into x (nheads x headdim), B and C
     (ngroups x d_state); the SSD scan with dt = softplus(dt + dt_bias), A = -exp(A_log) and skip D gives y,
-    and out_proj(rmsnorm(y * silu(z)) * norm.weight) is the output. ``forward`` is ``in_projection``, ``scan``
-    and that output; ``Scan2D`` calls the first two itself to share the per-token work between scan orders.
+    and out_proj(rmsnorm(y * silu(z)) * norm.weight) is the output. ``forward`` is ``in_projection``, ``convolve``,
+    ``scan`` and that output; ``Scan2D`` calls the first three itself to share the per-token work between scan orders.
 
     Args:
         d_model: token width; d_inner = expand * d_model, nheads = d_inner / headdim.
@@ -128,7 +129,7 @@ class Mamba2(nn.Module):
 
         # Resolved once here, not while torch.compile traces.
         self._has_mamba_ssm = (kernel != "torch" and mamba_ssm_scan_functions() is not None
-                               and mamba_ssm_norm_functions() is not None)
+                               and mamba_ssm_norm_backward() is not None and scan2d_kernels() is not None)
         self._conv_kernel = None if kernel == "torch" else causal_conv1d_kernel()
 
     def reset_parameters(self):
@@ -167,25 +168,39 @@ class Mamba2(nn.Module):
         zxbcdt = F.linear(x, F.pad(weight, (0, 0, 0, -weight.shape[0] % GEMM_MULTIPLE)))
         return zxbcdt[..., : self.d_inner], zxbcdt[..., self.d_inner:]
 
-    def scan(self, xBCdt: torch.Tensor) -> torch.Tensor:
-        """Conv, SiLU and the SSD scan with its D skip, causal in l: xBCdt (b, l, >= conv_dim + nheads), the conv
-        channels then the raw steps dt, as ``in_projection`` gives them -> y (b, l, d_inner), before gate and norm."""
-        xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], self.conv1d.weight[:, 0], self.conv1d.bias,
-                                 self._conv_kernel)
-        dt = xBCdt[..., self.conv_dim: self.conv_dim + self.nheads]
+    def convolve(self, xBCdt: torch.Tensor, to_scan: torch.Tensor | None = None,
+                 to_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal conv and SiLU of the conv channels, causal in l: xBCdt (b, l, >= conv_dim + nheads), the conv
+        channels then the raw steps dt, as ``in_projection`` gives them -> (xBC (b', l, conv_dim), dt (b', l,
+        nheads)). Without ``to_scan``, along l as given (b' = b); with it, along S sequences of xBCdt's rows
+        (``to_scan`` (S * l,), ``to_rows`` (l, S), see ``scan_gathers``; b' = b * S), which on CUDA one Triton kernel
+        reads in place (``mamba_ops.gathered_causal_conv1d_silu``)."""
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        if to_scan is None:
+            xBC, rest = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel), \
+                xBCdt[..., self.conv_dim:]
+        else:
+            xBC, rest = gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim,
+                                                    self.fused(xBCdt), self._conv_kernel)
+        return xBC, rest[..., : self.nheads]
+
+    def scan(self, xBC: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """The SSD scan with its D skip, causal in l: xBC (b, l, conv_dim) after conv and SiLU, dt (b, l, nheads) raw
+        steps, as ``convolve`` gives them -> y (b, l, d_inner), before gate and norm."""
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))  # (b, l, h, p)
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         A = -torch.exp(at_least_fp32(self.A_log))  # (h,)
-        scan = ssd_scan if self.fused(xBCdt) else ssd_reference
+        scan = ssd_scan if self.fused(xBC) else ssd_reference
         return scan(x, dt, A, B, C, self.D, self.dt_bias, self.chunk_size).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, l, d_model) -> (b, l, d_model), causal in l."""
         z, xBCdt = self.in_projection(x)
-        y = self.scan(xBCdt)
-        return self.out_proj(self.norm(y.flatten(0, 1)[:, None], z.flatten(0, 1), self.fused(y)).view_as(y))
+        y = self.scan(*self.convolve(xBCdt))
+        rows = torch.arange(y.shape[1], device=y.device)[:, None]  # each token's one output, in place
+        return self.out_proj(self.norm(y, rows, z.flatten(0, 1), self.fused(y)).view_as(y))
 
 
 def scan_orders(grid: tuple[int, int], order: str, bidirectional: bool, device: torch.device) -> torch.Tensor:
@@ -201,22 +216,19 @@ def scan_orders(grid: tuple[int, int], order: str, bidirectional: bool, device: 
     return torch.stack([tokens, tokens.flip(0)]) if bidirectional else tokens[None]
 
 
-def scan_gathers(orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The two gathers of ``Scan2D`` for scan orders (S, N): into the sequences and back to row-major order.
+def scan_gathers(orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token maps of ``Scan2D`` for scan orders (S, N): into the sequences and back to row-major order.
 
-    Returns ``to_scan`` (S * N,): the row-major token of each sequence position, sequence after sequence;
-    ``to_rows`` (N * S,): for each token and sequence, its position among the S * N sequence positions, so
-    gathering the sequence outputs by it gives them in row-major order, (N, S) per token; ``to_rows_uses`` (S * N, 1):
-    where each sequence position lands in that order (the backward of the second gather). ``to_rows`` viewed as
-    (N, S) also says where each token lands in ``to_scan`` (the backward of the first).
+    Returns ``to_scan`` (S * N,): the row-major token of each sequence position, sequence after sequence (the gather
+    into the sequences); ``to_rows`` (N, S): for each token and sequence, its position among the S * N sequence
+    positions (where the gated norm reads the token's outputs, and where the gather's backward reads each token's
+    gradients).
     """
     S, N = orders.shape
     offsets = torch.arange(S, device=orders.device)[:, None]
     positions = torch.arange(N, device=orders.device).expand(S, N)
     inverse = torch.empty_like(orders).scatter_(1, orders, positions)  # inverse[s, token] = its position in s
-    to_rows = (inverse + N * offsets).t().contiguous()  # (N, S)
-    to_rows_uses = (orders * S + offsets).reshape(-1, 1)  # (S * N, 1)
-    return orders.reshape(-1), to_rows, to_rows_uses
+    return orders.reshape(-1), (inverse + N * offsets).t().contiguous()
 
 
 class Scan2D(nn.Module):
@@ -230,10 +242,11 @@ class Scan2D(nn.Module):
 
     The result equals ``fuse(cat[mamba(seq), flip(mamba(flip(seq)))])`` (``seq`` the tokens in scan order, put
     back in row-major order), computed without repeating per-token work: ``in_proj`` runs once on the row-major
-    tokens; one gather (``lit_dimba::gather_rows``) puts its conv and dt channels into the S scan sequences; conv
-    and scan run on those; one gather brings the results back to row-major order, where the gated norm runs on
-    both directions against the one gate z; ``out_proj`` and ``fuse`` are folded into one GEMM of
-    width 2 * d_inner when there are more tokens than d_inner (else out_proj then fuse, which costs less then).
+    tokens; the conv reads its conv and dt channels into the S scan sequences (``Mamba2.convolve``, on CUDA
+    without a gathered copy); the scan runs on those; the gated norm reads each token's S outputs where the scan
+    left them (through ``to_rows``), normalises them against the token's one gate z and writes them in row-major
+    order; ``out_proj`` and ``fuse`` are folded into one GEMM of width 2 * d_inner when there are more tokens than
+    d_inner (else out_proj then fuse, which costs less then).
 
     forward: x (B, N, C), grid (h, w) with h * w = N -> (B, N, C).
     """
@@ -257,11 +270,9 @@ class Scan2D(nn.Module):
         z, xBCdt = mamba.in_projection(x)  # (B, N, d_inner), (B, N, conv_dim + nheads + pad)
         orders = scan_orders(grid, self.order, self.bidirectional, x.device)  # (S, N)
         S = orders.shape[0]
-        to_scan, to_rows, to_rows_uses = scan_gathers(orders)
-        sequences = gather_rows(xBCdt, to_scan, to_rows).view(B * S, N, -1)  # each sequence in its scan order
-        y = mamba.scan(sequences).reshape(B, S * N, -1)  # (B, S * N, d_inner)
-        y = gather_rows(y, to_rows.view(-1), to_rows_uses).view(B * N, S, -1)  # back in row-major order
-        y = mamba.norm(y, z.flatten(0, 1), mamba.fused(y))
+        to_scan, to_rows = scan_gathers(orders)
+        y = mamba.scan(*mamba.convolve(xBCdt, to_scan, to_rows)).reshape(B, S * N, -1)  # (B, S * N, d_inner)
+        y = mamba.norm(y, to_rows, z.flatten(0, 1), mamba.fused(y))  # (B * N, S, d_inner): back in row-major order
         return self.project(y.view(B, N, S, -1))
 
     def project(self, y: torch.Tensor) -> torch.Tensor:

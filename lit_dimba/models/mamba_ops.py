@@ -10,9 +10,13 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
 - ``causal_conv1d_silu``: causal-conv1d's CUDA conv when installed (its 1.7 release registers its kernels as
   custom ops, so ``torch.compile`` keeps them in the graph); else the PyTorch form (k shifted multiply-adds), which
   inductor fuses with SiLU.
-- ``gated_rms_norm``: rmsnorm(y * silu(z)) * weight for several scan outputs y that share one gate z, as the custom
-  op ``lit_dimba::gated_rms_norm``: mamba-ssm's one-pass Triton kernel on CUDA (one launch per scan output, reading
-  strided y and z in place), ``gated_rms_norm_reference`` elsewhere.
+- ``gated_rms_norm``: rmsnorm(y * silu(z)) * weight for several scan outputs y of a token that share its gate z, read
+  from wherever the scan left them (a row index), as the custom op ``lit_dimba::gated_rms_norm_forward``: our
+  Triton kernel on CUDA (``scan2d_kernels``: one launch for every output, no gather before it) with mamba-ssm's
+  backward kernel, ``gated_rms_norm_reference`` elsewhere.
+- ``gather_conv1d_silu``: ``causal_conv1d_silu`` along S sequences of rows put in scan orders, as the custom op
+  ``lit_dimba::gather_conv1d_silu``: our Triton kernel on CUDA (``scan2d_kernels``: each step's row read where it
+  lies, no gathered copy) with causal-conv1d's backward kernel, a gather and the PyTorch form elsewhere.
 - ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
 - ``selective_scan``: Mamba-1's selective scan (per-channel, per-state decays) with its D skip and z gate:
   mamba-ssm's ``selective_scan_fn`` (the CUDA extension ``selective_scan_cuda``) when it is built, else
@@ -255,13 +259,23 @@ def mamba_ssm_scan_functions():
 
 
 @functools.cache
-def mamba_ssm_norm_functions():
-    """mamba-ssm's forward and backward of the fused gated norm, or None when mamba-ssm does not import."""
+def mamba_ssm_norm_backward():
+    """mamba-ssm's backward kernel of the gated norm (``_layer_norm_bwd``), or None when mamba-ssm does not import."""
     try:
-        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
     except ImportError:
         return None
-    return _layer_norm_fwd, _layer_norm_bwd
+    return _layer_norm_bwd
+
+
+@functools.cache
+def scan2d_kernels():
+    """Our Triton kernels of ``Scan2D`` (the module ``scan2d_kernels``), or None where triton does not import."""
+    try:
+        from lit_dimba.models import scan2d_kernels
+    except ImportError:
+        return None
+    return scan2d_kernels
 
 
 @functools.cache
@@ -272,6 +286,16 @@ def causal_conv1d_kernel():
     except ImportError:
         return None
     return causal_conv1d_fn
+
+
+@functools.cache
+def causal_conv1d_backward():
+    """causal-conv1d's backward, ``causal_conv1d.cpp_functions.causal_conv1d_bwd_function`` (1.7), or None."""
+    try:
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+    except ImportError:
+        return None
+    return causal_conv1d_bwd_function
 
 
 def _conv_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -352,72 +376,169 @@ ssd_scan.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context
 
 
 @torch.library.custom_op("lit_dimba::gated_rms_norm_forward", mutates_args=())
-def gated_rms_norm_forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gated_rms_norm`` and what its backward keeps: (out (r, S, d) contiguous in y.dtype, rstd (S, d / group_size
-    * r) float32, the reciprocal RMS of each row and group). CUDA: mamba-ssm's kernel once per scan output s, on the
-    strided views y[:, s] and z, writing out[:, s]; CPU: the reference (rstd is then empty: its backward recomputes)."""
+def gated_rms_norm_forward(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                           group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_rms_norm`` and what its backward keeps: (out (b * n, S, d) contiguous in y.dtype, rstd (S, d /
+    group_size * b * n) float32, the reciprocal RMS of each row and group). CUDA: our Triton kernel
+    (``scan2d_kernels``), which reads y's rows through ``rows`` in place; CPU: the reference on the gathered rows
+    (rstd is then empty: its backward recomputes)."""
     if not y.is_cuda:
-        return gated_rms_norm_reference(y, z, weight, group_size, eps).contiguous(), y.new_empty(0, dtype=torch.float32)
-    forward, _ = _require_mamba_ssm(mamba_ssm_norm_functions(), "gated_rms_norm")
-    out = torch.empty_like(y, memory_format=torch.contiguous_format)
-    rstd = [forward(y[:, s], weight, None, eps, z=z, out=out[:, s], group_size=group_size, norm_before_gate=False,
-                    is_rms_norm=True)[2] for s in range(y.shape[1])]
-    return out, torch.stack(rstd)
+        out = gated_rms_norm_reference(_rows_of(y, rows), z, weight, group_size, eps)
+        return out.contiguous(), y.new_empty(0, dtype=torch.float32)
+    return _require_triton("gated_rms_norm_forward").gated_rms_norm_rows(y, rows, z, weight, group_size, eps)
 
 
 @gated_rms_norm_forward.register_fake
-def _gated_rms_norm_forward_fake(y, z, weight, group_size, eps):
-    rows = y.shape[0] * (y.shape[2] // group_size) if y.is_cuda else 0
-    return y.new_empty(y.shape), y.new_empty((y.shape[1], rows) if y.is_cuda else (0,), dtype=torch.float32)
+def _gated_rms_norm_forward_fake(y, rows, z, weight, group_size, eps):
+    S = rows.shape[1]
+    rstd = (S, z.shape[0] * (y.shape[2] // group_size)) if y.is_cuda else (0,)
+    return y.new_empty(z.shape[0], S, y.shape[2]), y.new_empty(rstd, dtype=torch.float32)
 
 
 @torch.library.custom_op("lit_dimba::gated_rms_norm_backward", mutates_args=())
-def gated_rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                            rstd: torch.Tensor, group_size: int, eps: float
+def gated_rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor,
+                            weight: torch.Tensor, rstd: torch.Tensor, group_size: int, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``gated_rms_norm`` for ``grad`` (r, S, d): (dy, dz, dweight) in their inputs' dtypes, dz and
-    dweight summed over the S outputs. mamba-ssm's backward kernel per output on CUDA, the vector-Jacobian product
-    of the reference on a CPU."""
+    """Gradients of ``gated_rms_norm`` for ``grad`` (b * n, S, d): (dy (b, m, d), dz, dweight) in their inputs'
+    dtypes, dz and dweight summed over the S outputs. The rows of y are gathered again; then mamba-ssm's backward
+    kernel per output on CUDA, the vector-Jacobian product of the reference on a CPU; dy goes back to y's rows."""
+    gathered = _rows_of(y, rows)  # (b * n, S, d)
     if not y.is_cuda:
-        _, vjp = torch.func.vjp(lambda *args: gated_rms_norm_reference(*args, group_size, eps), y, z, weight)
-        dy, dz, dweight = vjp(grad)
-        return dy.contiguous(), dz.contiguous(), dweight
-    _, backward = _require_mamba_ssm(mamba_ssm_norm_functions(), "gated_rms_norm")
-    dy, dz, dweight = torch.empty_like(y, memory_format=torch.contiguous_format), 0, 0
-    for s in range(y.shape[1]):
-        dy_s, dweight_s, _, dz_s = backward(grad[:, s], y[:, s], weight, None, eps, None, rstd[s], z=z,
-                                            group_size=group_size, norm_before_gate=False, is_rms_norm=True)
-        dy[:, s] = dy_s
-        dz, dweight = dz + dz_s.float(), dweight + dweight_s.float()
+        _, vjp = torch.func.vjp(lambda *args: gated_rms_norm_reference(*args, group_size, eps), gathered, z, weight)
+        dgathered, dz, dweight = vjp(grad)
+    else:
+        backward = _require_mamba_ssm(mamba_ssm_norm_backward(), "gated_rms_norm")
+        dgathered, dz, dweight = torch.empty_like(gathered), 0, 0
+        for s in range(gathered.shape[1]):
+            dy_s, dweight_s, _, dz_s = backward(grad[:, s], gathered[:, s], weight, None, eps, None, rstd[s], z=z,
+                                                group_size=group_size, norm_before_gate=False, is_rms_norm=True)
+            dgathered[:, s] = dy_s
+            dz, dweight = dz + dz_s.float(), dweight + dweight_s.float()
+    b, m, d = y.shape
+    dy = y.new_empty(b, m, d).index_copy_(1, rows.flatten(), dgathered.view(b, m, d).to(y.dtype))
     return dy, dz.to(z.dtype).contiguous(), dweight.to(weight.dtype)
 
 
 @gated_rms_norm_backward.register_fake
-def _gated_rms_norm_backward_fake(grad, y, z, weight, rstd, group_size, eps):
+def _gated_rms_norm_backward_fake(grad, y, rows, z, weight, rstd, group_size, eps):
     return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
 
 
 def _gated_rms_norm_setup_context(ctx, inputs, output):
-    y, z, weight, ctx.group_size, ctx.eps = inputs
-    ctx.save_for_backward(y, z, weight, output[1])
+    y, rows, z, weight, ctx.group_size, ctx.eps = inputs
+    ctx.save_for_backward(y, rows, z, weight, output[1])
 
 
 def _gated_rms_norm_grad(ctx, grad, _):
-    return (*gated_rms_norm_backward(grad.contiguous(), *ctx.saved_tensors, ctx.group_size, ctx.eps), None, None)
+    y, rows, z, weight, rstd = ctx.saved_tensors
+    dy, dz, dweight = gated_rms_norm_backward(grad.contiguous(), y, rows, z, weight, rstd, ctx.group_size, ctx.eps)
+    return dy, None, dz, dweight, None, None
 
 
 gated_rms_norm_forward.register_autograd(_gated_rms_norm_grad, setup_context=_gated_rms_norm_setup_context)
 
 
-def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
-                   fused: bool) -> torch.Tensor:
-    """rmsnorm(y * silu(z)) * weight for S outputs y (r, S, d) that share the gate z (r, d) (rows may be strided),
-    weight (d,) -> (r, S, d) in y.dtype: the custom op ``lit_dimba::gated_rms_norm_forward`` (mamba-ssm's kernel)
-    when ``fused``, else ``gated_rms_norm_reference``, which torch.compile fuses itself."""
+def _rows_of(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """y (b, m, d), rows (n, S) -> (b * n, S, d): token t's S rows of y[b], in a new tensor."""
+    return y.index_select(1, rows.flatten()).view(-1, *rows.shape[1:], y.shape[2])
+
+
+def gated_rms_norm(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                   eps: float, fused: bool) -> torch.Tensor:
+    """rmsnorm(y_s * silu(z)) * weight for the S outputs y_s of each token that share its gate z, read from y's rows.
+
+    y (b, m, d): outputs, one per row, in any order; rows (n, S) int64, a permutation of range(m) (m = n * S): token
+    t's s-th output is y[b, rows[t, s]]; z (b * n, d) (rows may be strided); weight (d,) -> (b * n, S, d) in
+    y.dtype. ``fused``: the custom op ``lit_dimba::gated_rms_norm_forward`` (our Triton kernel, which reads the rows
+    in place); else a gather (``lit_dimba::gather_rows``) and ``gated_rms_norm_reference``, which torch.compile
+    fuses itself.
+    """
     if fused:
-        return gated_rms_norm_forward(y, z, weight, group_size, eps)[0]
-    return gated_rms_norm_reference(y, z, weight, group_size, eps)
+        return gated_rms_norm_forward(y, rows, z, weight, group_size, eps)[0]
+    order = rows.flatten()
+    where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    gathered = gather_rows(y, order, where[:, None]).view(z.shape[0], rows.shape[1], -1)
+    return gated_rms_norm_reference(gathered, z, weight, group_size, eps)
+
+
+@torch.library.custom_op("lit_dimba::gather_conv1d_silu", mutates_args=())
+def gather_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, channels: int) -> torch.Tensor:
+    """x's rows put into S sequences, the first ``channels`` columns of each through ``causal_conv1d_silu``.
+
+    x (b, m, w) (rows may be strided), to_scan (S * m,) int64: the row of x at step t of sequence s is
+    ``to_scan[s * m + t]``; to_rows (m, S): where each row went, ``to_scan``'s inverse (for the backward); weight
+    (channels, k), bias (channels,) -> (b * S, m, w) contiguous in x.dtype: the conv's SiLU, then the other columns
+    as they are. CUDA: our Triton kernel (``scan2d_kernels``), which reads each step's row where it lies, with no
+    gathered copy; CPU: ``gather_rows`` then ``causal_conv1d_reference``.
+    """
+    if not x.is_cuda:
+        sequences = gather_rows(x, to_scan, to_rows).view(-1, *x.shape[1:])
+        conv = causal_conv1d_reference(sequences[..., :channels], weight, bias)
+        return torch.cat([conv, sequences[..., channels:]], dim=-1)
+    return _require_triton("gather_conv1d_silu").gather_causal_conv1d_silu(x, to_scan, weight, bias, channels)
+
+
+@gather_conv1d_silu.register_fake
+def _gather_conv1d_silu_fake(x, to_scan, to_rows, weight, bias, channels):
+    return x.new_empty(to_scan.shape[0] // x.shape[1] * x.shape[0], x.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("lit_dimba::gather_conv1d_silu_backward", mutates_args=())
+def gather_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Tensor,
+                                weight: torch.Tensor, bias: torch.Tensor, channels: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``gather_conv1d_silu`` for ``grad`` (b * S, m, w): (dx (b, m, w), dweight, dbias) in their inputs'
+    dtypes. The sequences are gathered again; the conv's backward is causal-conv1d's kernel on CUDA where it is
+    installed (weights in x.dtype, as its forward), else the vector-Jacobian product of the PyTorch form; each row's
+    gradient is the sum of its S sequence steps' (a gather, no atomic adds)."""
+    b, m, w = x.shape
+    sequences = x.index_select(1, to_scan).view(-1, m, w)[..., :channels]
+    backward = causal_conv1d_backward() if x.is_cuda else None
+    if backward is not None and _conv_kernel_takes(sequences, weight):
+        dconv, dweight, dbias, _ = backward(sequences.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
+                                            grad[..., :channels].transpose(1, 2), None, None, None, None, False, True)
+        dconv = dconv.transpose(1, 2)
+    else:
+        _, vjp = torch.func.vjp(causal_conv1d_reference, sequences, weight, bias)
+        dconv, dweight, dbias = vjp(grad[..., :channels])
+    dsequences = torch.cat([dconv.to(grad.dtype), grad[..., channels:]], dim=-1).view(b, -1, w)
+    dx = dsequences.index_select(1, to_rows.flatten()).view(b, m, -1, w).sum(2)
+    return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@gather_conv1d_silu_backward.register_fake
+def _gather_conv1d_silu_backward_fake(grad, x, to_scan, to_rows, weight, bias, channels):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _gather_conv1d_silu_setup_context(ctx, inputs, output):
+    x, to_scan, to_rows, weight, bias, ctx.channels = inputs
+    ctx.save_for_backward(x, to_scan, to_rows, weight, bias)
+
+
+def _gather_conv1d_silu_grad(ctx, grad):
+    x, to_scan, to_rows, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = gather_conv1d_silu_backward(grad.contiguous(), x, to_scan, to_rows, weight, bias,
+                                                     ctx.channels)
+    return dx, None, None, dweight, dbias, None
+
+
+gather_conv1d_silu.register_autograd(_gather_conv1d_silu_grad, setup_context=_gather_conv1d_silu_setup_context)
+
+
+def gathered_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor, channels: int, fused: bool, kernel=None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows (b, m, w) put into S sequences by ``to_scan`` (S * m,) (``to_rows`` (m, S) its inverse) -> (the SiLU of
+    the causal depthwise conv of their first ``channels`` columns (b * S, m, channels), the other columns
+    (b * S, m, w - channels)), in x.dtype. ``fused``: the custom op ``lit_dimba::gather_conv1d_silu`` (one Triton
+    kernel on CUDA); else a gather (``gather_rows``) and ``causal_conv1d_silu`` with ``kernel``."""
+    if fused:
+        out = gather_conv1d_silu(x, to_scan, to_rows, weight, bias, channels)
+        return out[..., :channels], out[..., channels:]
+    sequences = gather_rows(x, to_scan, to_rows).view(-1, *x.shape[1:])
+    return causal_conv1d_silu(sequences[..., :channels], weight, bias, kernel), sequences[..., channels:]
 
 
 @torch.library.custom_op("lit_dimba::gather_rows", mutates_args=())
@@ -495,6 +616,15 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if fused:
         return selective_scan_mamba_ssm(u, delta, A, B, C, D, delta_bias, z)
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, z, chunk_size)
+
+
+def _require_triton(op: str):
+    """``scan2d_kernels``, or a RuntimeError naming ``op`` and the way out."""
+    kernels = scan2d_kernels()
+    if kernels is None:
+        raise RuntimeError(f"lit_dimba::{op} on CUDA runs a Triton kernel, but triton does not import; install it "
+                           "or use Mamba2(kernel='torch')")
+    return kernels
 
 
 def _require_mamba_ssm(functions, op: str):
