@@ -1,11 +1,12 @@
 """GPU checks and timings of the hybrid backbone (issue "Fast hybrid on the GPU"); prints short tables.
 
 Parts (``--parts``, default all; they run in the order given):
-  check    correctness first: the Mamba-2 kernel paths (our PyTorch SSD vs the custom op on mamba-ssm's Triton
-           kernels, fp32 against a float64 reference and in bf16, outputs and gradients; our module vs
-           ``mamba_ssm.Mamba2`` with each other's state dict); the lean ``Scan2D`` on the CUDA kernels
-           (mamba-ssm's scan, causal-conv1d's conv) vs on PyTorch's; compiled vs eager backbones in bf16;
-           sampling with and without CUDA graphs.
+  check    correctness first: the lean ``Scan2D`` on the CUDA kernels (our Triton conv and gated norm, mamba-ssm's
+           scan, causal-conv1d's and mamba-ssm's backward kernels) vs on PyTorch's, fp32 and bf16, outputs and
+           gradients; the Mamba-2 kernel paths (our PyTorch SSD vs the custom op on mamba-ssm's Triton kernels,
+           fp32 against a float64 reference and in bf16; our module vs ``mamba_ssm.Mamba2`` with each other's
+           state dict); the MLP's GELU epilogue vs GEMM then GELU; compiled vs eager backbones in bf16; sampling
+           with and without CUDA graphs.
   latency  per denoising step (batch 1, one forward, bf16 weights, no CFG doubling) of each ``--presets`` backbone
            at each ``--sizes`` (pixels, SD-VAE f8 latents, patch 2): eager, and the best setting (blocks
            compiled, the forward replayed from a CUDA graph); median of ``--iters`` timed calls after warm-up,
