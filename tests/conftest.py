@@ -1,9 +1,12 @@
 import contextlib
 import fcntl
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,10 +40,10 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-# A script that runs main.py, so that Lightning's DDP/FSDP launcher can start it once per rank; it also holds
-# callbacks the tests list by class path (launch.RecordCaptions, launch.RecordLosses, launch.KillAt).
+# The module of callbacks that the tests list by class path (launch.RecordCaptions, launch.RecordLosses,
+# launch.KillAt): ``launch`` and ``run_here`` write it as launch.py into the run's folder.
 LAUNCHER = '''
-import os, signal, sys
+import os, signal
 from lightning.pytorch.callbacks import Callback
 
 
@@ -71,28 +74,71 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-if __name__ == "__main__":
-    from main import main
-    main(sys.argv[1:])
-    open(f"finished-{os.environ.get('LOCAL_RANK', '0')}", "w").close()
 '''
+
+# ``launch`` starts every rank itself, as torchrun does (LOCAL_RANK, WORLD_SIZE and the rendezvous in its
+# environment, so Lightning starts no process of its own), forked from a server process that imported main.py
+# (torch, Lightning, the project) once per pytest-xdist worker: a rank starts in a moment, where a new interpreter
+# spends about 6 s on imports (and Lightning's launcher starts the second rank only once the first has imported).
+# tests/test_benchmarks.py's multi_gpu.py test starts main.py on 2 processes as users do, through that launcher.
+# The server starts with the interpreter's own path (Python 3.11 does not give it the tests' sys.path), so
+# PYTHONPATH puts this checkout first there, as for any process the tests start.
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+RANKS = multiprocessing.get_context("forkserver")
+RANKS.set_forkserver_preload(["main", "tests.conftest"])
+
+
+def run_rank(folder: str, args: list[str], rank: int, devices: int, port: int) -> None:
+    """Rank ``rank`` of ``devices`` of ``main(args)`` in ``folder``, in a process of its own (``launch``): its
+    output in stdout-<rank>.txt and stderr-<rank>.txt there, one thread, the folder's modules importable."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(devices), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.chdir(folder)
+    sys.path.insert(0, folder)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        log = os.open(f"{name}-{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, fd)
+        os.close(log)
+    import torch
+
+    from main import main
+
+    torch.set_num_threads(1)
+    main([*args, "--trainer.devices", str(devices)])
+    open(f"finished-{rank}", "w").close()
 
 
 def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = True):
     """``main.py`` with ``args`` in ``folder`` on ``devices`` CPU processes (gloo); with ``check``, fails the test
-    unless every rank finished without error. Returns the completed process."""
+    unless every rank finished without error. When a rank fails, the others are stopped (they would wait for it).
+    Returns the exit code (the first rank's that is not 0, else 0) and the ranks' stderr, one after the other, as a
+    completed process."""
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
     (folder / "launch.py").write_text(LAUNCHER)
     for marker in folder.glob("finished-*"):
         marker.unlink()
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "launch.py", *args, "--trainer.devices", str(devices)]
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    port = find_free_network_port()
+    ranks = [RANKS.Process(target=run_rank, args=(str(folder), list(args), rank, devices, port))
+             for rank in range(devices)]
+    for process in ranks:
+        process.start()
+    deadline, running, failed = time.monotonic() + timeout, ranks, False
+    while running and not failed and time.monotonic() < deadline:
+        multiprocessing.connection.wait([process.sentinel for process in running], deadline - time.monotonic())
+        running = [process for process in ranks if process.exitcode is None]
+        failed = any(process.exitcode for process in ranks)
+    for process in running:  # a rank failed (the others would wait for it in a collective), or the time is up
+        process.kill()
+        process.join()
+    assert failed or not running, f"the ranks did not finish within {timeout} s"
+    code = next((process.exitcode for process in ranks if process.exitcode), 0)
+    logs = [folder / f"stderr-{rank}.txt" for rank in range(devices)]
+    stderr = "".join(log.read_text() for log in logs if log.exists())
     if check:
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert code == 0, stderr[-4000:]
         assert len(list(folder.glob("finished-*"))) == devices, "a rank did not finish"
-    return result
+    return subprocess.CompletedProcess(args, code, "", stderr)
 
 
 @contextlib.contextmanager
@@ -111,8 +157,8 @@ def importable(folder):
 
 def run_here(folder, *args) -> None:
     """``main(args)`` in this process, as ``launch(folder, *args, devices=1)`` runs it without starting a process:
-    in ``folder``, with the callbacks of its launch.py importable, on one thread (as OMP_NUM_THREADS=1 there, so
-    the two give the same floating point)."""
+    in ``folder``, with the callbacks of its launch.py importable, on one thread (as there, so the two give the
+    same floating point)."""
     import torch
 
     from main import main
