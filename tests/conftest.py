@@ -42,7 +42,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 # The module of callbacks that the tests list by class path (launch.RecordCaptions, launch.RecordLosses,
 # launch.KillAt): ``launch`` and ``run_here`` write it as launch.py into the run's folder.
-LAUNCHER = '''
+LAUNCH_MODULE = '''
 import os, signal
 from lightning.pytorch.callbacks import Callback
 
@@ -115,7 +115,7 @@ def launch(folder, *args, devices: int = 2, timeout: int = 300, check: bool = Tr
     completed process."""
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    (folder / "launch.py").write_text(LAUNCHER)
+    (folder / "launch.py").write_text(LAUNCH_MODULE)
     for marker in folder.glob("finished-*"):
         marker.unlink()
     port = find_free_network_port()
@@ -163,7 +163,7 @@ def run_here(folder, *args) -> None:
 
     from main import main
 
-    (folder / "launch.py").write_text(LAUNCHER)
+    (folder / "launch.py").write_text(LAUNCH_MODULE)
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(folder)
     torch.set_num_threads(1)
