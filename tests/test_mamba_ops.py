@@ -177,5 +177,5 @@ def test_scan2d_triton_kernels_in_the_interpreter():
     batch elements read through the row index against a strided gate, and rstd where mamba-ssm's backward reads
     it."""
     pytest.importorskip("triton")
-    subprocess.run([sys.executable, "-c", "from tests.test_mamba_ops import check_triton_kernels; check_triton_kernels()"],
-                   cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)
+    check = "from tests.test_mamba_ops import check_triton_kernels; check_triton_kernels()"
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)

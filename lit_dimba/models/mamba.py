@@ -3,13 +3,14 @@
 ``Mamba2`` names and shapes its parameters like ``mamba_ssm.modules.mamba2.Mamba2`` (mamba-ssm 2.2/2.3) with
 its default options (ngroups=1, rmsnorm=True, norm_before_gate=False, bias=False, conv_bias=True), so state
 dicts load in either direction. Its conv, scan and gated norm are the functions of ``lit_dimba.models.mamba_ops``:
-mamba-ssm's fused Triton scan, our Triton gated norm (with mamba-ssm's backward) and causal-conv1d's conv on CUDA
-(optional installs), plain PyTorch anywhere; the ``kernel`` argument picks at run time.
+on CUDA mamba-ssm's fused Triton scan, our Triton gated norm and conv along scan orders (``scan2d_kernels``) and
+causal-conv1d's conv (optional installs), plain PyTorch anywhere; the ``kernel`` argument picks at run time.
 
 ``Scan2D`` runs one ``Mamba2`` over a token grid in several scan orders (row- or column-first, forwards and
 backwards) with work shared between them: the per-token layers (``in_proj``, the gated norm, ``out_proj`` and the
 fusion) see every token once, in row-major order; only the conv and the scan, which depend on the order, run on
-the sequences, which one gather builds; the gated norm reads their outputs back in row-major order.
+the sequences, into which the conv reads the rows (in place on CUDA, through a gather elsewhere); the gated norm
+reads their outputs back in row-major order.
 
 Shapes: b batch, l sequence length, h heads, p head dim, g groups, n state size; B, N, C batch, tokens and width
 of the image-token sequence, S the number of scan sequences (2 when bidirectional).
@@ -72,10 +73,11 @@ class Mamba2(nn.Module):
         d_state, d_conv, expand, headdim, ngroups: as in mamba-ssm.
         A_init_range, dt_min, dt_max, dt_init_floor: initialisation of A_log and dt_bias (``init_ssm_parameters``).
         chunk_size: T of the chunked scan (both kernels).
-        kernel: "auto": mamba-ssm's Triton scan for CUDA inputs where mamba-ssm imports, else plain PyTorch;
-            "torch": plain PyTorch always; "mamba_ssm": mamba-ssm's scan always (a ConfigError for non-CUDA inputs
-            or without mamba-ssm). Except with "torch", the conv runs causal-conv1d's CUDA kernel where it is
-            installed (``mamba_ops.causal_conv1d_silu``).
+        kernel: "auto": the CUDA kernels (mamba-ssm's Triton scan, our Triton gated norm and conv along scan
+            orders) for CUDA inputs where mamba-ssm imports, else plain PyTorch; "torch": plain PyTorch always;
+            "mamba_ssm": the CUDA kernels always (a ConfigError for non-CUDA inputs or without mamba-ssm). Except
+            with "torch", the conv along l as given runs causal-conv1d's CUDA kernel where it is installed
+            (``mamba_ops.causal_conv1d_silu``).
 
     Initialisation: ``in_proj``, ``conv1d`` and ``out_proj`` start with PyTorch's defaults and ``norm.weight`` with
     ones; ``dt_bias``, ``A_log`` and ``D`` get mamba-ssm's initialisation from ``init_ssm_parameters``; a model
@@ -148,8 +150,8 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
 
     def fused(self, x: torch.Tensor) -> bool:
-        """Whether this call uses mamba-ssm's scan and gated-norm kernels (see ``kernel``); a ConfigError if forced
-        but impossible."""
+        """Whether this call uses the CUDA kernels (mamba-ssm's scan, our Triton norm and conv along scan orders; see
+        ``kernel``); a ConfigError if forced but impossible."""
         available = x.is_cuda and self._has_mamba_ssm
         if self.kernel == "mamba_ssm" and not available:
             raise ConfigError(
