@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from shared import ABLATION_ROWS  # benchmarks/shared.py, beside this script
+from shared import ABLATION_ROWS, ablation_files  # benchmarks/shared.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "distill", "demo.yaml")
@@ -29,8 +29,7 @@ TEACHER_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 
 def ablation(files: tuple[str, ...]) -> list[str]:
     """``--config`` options of a row's files under configs/distill/ablations/."""
-    return [arg for name in files for arg in ("--config", os.path.join(ROOT, "configs", "distill", "ablations",
-                                                                         f"{name}.yaml"))]
+    return [arg for path in ablation_files(files) for arg in ("--config", path)]
 
 
 def run(args: list[str], log_path: str) -> float:

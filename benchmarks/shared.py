@@ -5,7 +5,8 @@ import os
 
 import yaml
 
-BACKBONES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "backbones")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+BACKBONES = os.path.join(CONFIGS, "backbones")
 
 
 def backbone_file(name: str) -> str:
@@ -31,6 +32,11 @@ ABLATION_ROWS = {
     "unidirectional": ("full recipe, one-direction scan", ("unidirectional",), True),
     "no_attention": ("full recipe, no self-attention", ("no_attention",), True),
 }
+
+
+def ablation_files(names: tuple[str, ...]) -> list[str]:
+    """The paths of a row's files (``ABLATION_ROWS``) under configs/distill/ablations/."""
+    return [os.path.join(CONFIGS, "distill", "ablations", f"{name}.yaml") for name in names]
 
 
 # An f8 AutoencoderKL with a handful of channels: latents of the right shape at almost no cost.

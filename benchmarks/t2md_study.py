@@ -35,7 +35,7 @@ import sys
 import time
 
 from lit_dimba.checkpoints import export_backbone
-from shared import ABLATION_ROWS  # benchmarks/shared.py, beside this script
+from shared import ABLATION_ROWS, ablation_files  # benchmarks/shared.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -189,7 +189,7 @@ class Study:
         """``main.py fit`` of one stage of ``row``: the student configs, the row's file, then ``overlays``;
         stage 2 starts from ``init_student`` (stage 1's checkpoint, or null: the student's initialisation)."""
         files = STUDENT_CONFIGS + ([FORCING_CONFIG] if stage == "forcing" else [])
-        files += [f"distill/ablations/{name}.yaml" for name in ROWS[row][1]]
+        files += ablation_files(ROWS[row][1])  # absolute: config_args keeps them as they are
         args = ["fit", *config_args(files + list(overlays)), *self.common,
                 *size_args(self.options, ["teacher", "student"]),
                 "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
