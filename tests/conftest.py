@@ -1,5 +1,6 @@
 import contextlib
 import fcntl
+import glob
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 # Under pytest-xdist (make test: one worker per core) each worker gets its share of the cores for torch's threads,
 # and so do the processes it starts (OMP_NUM_THREADS): with every worker on every core, the tiny models' ops wait on
@@ -31,6 +33,24 @@ def pytest_collection_modifyitems(items):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
+# The configs that set up a whole run (a model each); the others are overlays, backbone files and configs/base.yaml.
+MODEL_CONFIGS = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+                       - {os.path.join(ROOT, "configs", "base.yaml")}) + [
+    os.path.join(ROOT, "configs", "distill", name) for name in ("demo.yaml", "t2md_512.yaml")]
+PRINTED: dict[tuple[str, ...], str] = {}  # configs -> what --print_config printed (in this process)
+
+
+def printed_config(capsys, *configs) -> dict:
+    """The full config of ``fit`` with ``configs``, as ``--print_config`` prints it; each set of configs is parsed once
+    per process (tests share a few base configs)."""
+    from main import main
+
+    if configs not in PRINTED:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        PRINTED[configs] = capsys.readouterr().out
+    return yaml.safe_load(PRINTED[configs])
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lit_dimba.checkpoints import ema_state
 from lit_dimba.export import main as export_main
 from main import BASE_CONFIG, main
-from tests.conftest import DEMO, ROOT, TINY, importable
+from tests.conftest import DEMO, MODEL_CONFIGS, ROOT, TINY, importable, printed_config
 
 BASE = ["--config", DEMO, "--config", TINY]
 
@@ -135,9 +135,7 @@ def test_checkpoint_of_another_architecture(in_tmp):
 DISTILL = os.path.join(ROOT, "configs", "distill", "demo.yaml")
 FORCING = os.path.join(ROOT, "configs", "distill", "demo_forcing.yaml")
 TINY_DISTILL = os.path.join(ROOT, "tests", "configs", "tiny_distill.yaml")
-# Configs that stand alone, and those that override one of them (stage 1, ablation rows).
 T2MD = os.path.join(ROOT, "configs", "distill", "t2md_512.yaml")
-STANDALONE = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {BASE_CONFIG}) + [DISTILL, T2MD]
 # (override, the config it applies to, or the configs in order)
 OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md_512_forcing.yaml"), T2MD)] + [
     (row, DISTILL) for row in sorted(glob.glob(os.path.join(ROOT, "configs", "distill", "ablations", "*.yaml")))] + [
@@ -158,28 +156,14 @@ OVERRIDES = [(FORCING, DISTILL), (os.path.join(ROOT, "configs", "distill", "t2md
     for base in ("teacher_dit_xl2_512.yaml", "t2md_pixart512.yaml")]
 
 
-PRINTED: dict[tuple[str, ...], str] = {}  # configs -> what --print_config printed (in this process)
-
-
-def printed_config(capsys, *configs) -> dict:
-    """The full config of ``fit`` with ``configs``, as ``--print_config`` prints it; each set of configs is parsed once
-    per process (the overrides share a few base configs)."""
-    if configs not in PRINTED:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
-        assert exit_info.value.code in (0, None)
-        PRINTED[configs] = capsys.readouterr().out
-    return yaml.safe_load(PRINTED[configs])
-
-
 def test_every_config_file_is_tested():
     every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
     backbones = glob.glob(os.path.join(ROOT, "configs", "backbones", "*.yaml"))  # tests/test_layout.py builds them
-    tested = STANDALONE + [override for override, _ in OVERRIDES] + backbones + [BASE_CONFIG]
+    tested = MODEL_CONFIGS + [override for override, _ in OVERRIDES] + backbones + [BASE_CONFIG]
     assert sorted(every) == sorted(set(tested))
 
 
-@pytest.mark.parametrize("config", STANDALONE)
+@pytest.mark.parametrize("config", MODEL_CONFIGS)
 def test_print_config(config, capsys):
     assert "class_path" in printed_config(capsys, config)["model"]
 

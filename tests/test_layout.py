@@ -16,8 +16,8 @@ from lit_dimba.conditioning import PixelSpace, TinyT5TextEncoder
 from lit_dimba.models.backbone import Backbone, BiMambaBlock, Block, MambaLayer
 from lit_dimba.models.mamba import Scan2D
 from lit_dimba.modules import DiffusionModule, DistillModule
-from main import BASE_CALLBACKS, BASE_CONFIG, main
-from tests.conftest import BACKBONES, DEMO, ROOT, tiny_backbone
+from main import BASE_CALLBACKS, BASE_CONFIG
+from tests.conftest import BACKBONES, DEMO, MODEL_CONFIGS, ROOT, printed_config, tiny_backbone
 
 # Tensor names and shapes of six layouts as the code before issue 15 built them (the Dimba ones from layout
 # "dimba" with dimba_ratio 1 and 2), with the arguments that build them now.
@@ -117,21 +117,10 @@ def test_every_backbone_file_builds():
         assert [type(block) for block in dimba.blocks] == [Block, extra]
 
 
-MODEL_CONFIGS = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {BASE_CONFIG}) + [
-    os.path.join(ROOT, "configs", "distill", name) for name in ("demo.yaml", "t2md_512.yaml")]
-
-
-def printed(capsys, *configs) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("config", MODEL_CONFIGS, ids=os.path.basename)
 def test_model_configs_build_their_backbones(config, capsys):
     """Every model config references its backbones by path; the resolved ones build (meta device)."""
-    init_args = printed(capsys, config)["model"]["init_args"]
+    init_args = printed_config(capsys, config)["model"]["init_args"]
     written = yaml.safe_load(open(config))["model"]["init_args"]
     for key in ("backbone", "teacher", "student"):
         if key in init_args:
@@ -145,13 +134,13 @@ def test_curriculum_keeps_the_model_configs_callbacks(capsys):
     """An overlay appends its own callbacks (``trainer.callbacks+``): the model config's sample logger stays, the
     curriculum comes before the PE interpolation that follows it, and the base callbacks keep the model config's
     settings except the folders, which the overlay moves to its own run."""
-    demo = printed(capsys, DEMO)
+    demo = printed_config(capsys, DEMO)
     base = [cb["class_path"] for cb in demo["trainer"]["callbacks"]]
     assert base == ["callbacks.SampleLogger"]
     assert demo["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")  # from configs/base.yaml
     for name in ("demo.yaml", "demo_extrapolate.yaml"):
         overlay = os.path.join(ROOT, "configs", "curriculum", name)
-        merged = printed(capsys, DEMO, overlay)
+        merged = printed_config(capsys, DEMO, overlay)
         assert [cb["class_path"] for cb in merged["trainer"]["callbacks"]] == base + [
             "callbacks.ResolutionCurriculum", "callbacks.PEInterpolation"]
         assert merged["ema"] == demo["ema"]
