@@ -179,8 +179,8 @@ class Mamba2(nn.Module):
         reads in place (``mamba_ops.gathered_causal_conv1d_silu``)."""
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if to_scan is None:
-            xBC, rest = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel), \
-                xBCdt[..., self.conv_dim:]
+            xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel)
+            rest = xBCdt[..., self.conv_dim:]
         else:
             xBC, rest = gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim,
                                                     self.fused(xBCdt), self._conv_kernel)

@@ -470,12 +470,10 @@ def gather_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Te
     ``to_scan[s * m + t]``; to_rows (m, S): where each row went, ``to_scan``'s inverse (for the backward); weight
     (channels, k), bias (channels,) -> (b * S, m, w) contiguous in x.dtype: the conv's SiLU, then the other columns
     as they are. CUDA: our Triton kernel (``scan2d_kernels``), which reads each step's row where it lies, with no
-    gathered copy; CPU: ``gather_rows`` then ``causal_conv1d_reference``.
+    gathered copy; CPU: the unfused ``gathered_causal_conv1d_silu`` (a gather, then the PyTorch conv).
     """
     if not x.is_cuda:
-        sequences = gather_rows(x, to_scan, to_rows).view(-1, *x.shape[1:])
-        conv = causal_conv1d_reference(sequences[..., :channels], weight, bias)
-        return torch.cat([conv, sequences[..., channels:]], dim=-1)
+        return torch.cat(gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, False), dim=-1)
     return _require_triton("gather_conv1d_silu").gather_causal_conv1d_silu(x, to_scan, weight, bias, channels)
 
 
