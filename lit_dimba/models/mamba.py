@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu,
-                                        gated_rms_norm, gathered_causal_conv1d_silu, mamba_ssm_norm_backward,
-                                        mamba_ssm_scan_functions, scan2d_kernels, ssd_reference, ssd_scan)
+from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gated_rms_norm,
+                                        gathered_causal_conv1d_silu, mamba_ssm_scan_functions, scan2d_kernels,
+                                        ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
@@ -131,7 +131,7 @@ class Mamba2(nn.Module):
 
         # Resolved once here, not while torch.compile traces.
         self._has_mamba_ssm = (kernel != "torch" and mamba_ssm_scan_functions() is not None
-                               and mamba_ssm_norm_backward() is not None and scan2d_kernels() is not None)
+                               and scan2d_kernels() is not None)
         self._conv_kernel = None if kernel == "torch" else causal_conv1d_kernel()
 
     def reset_parameters(self):

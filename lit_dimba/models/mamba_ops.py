@@ -12,11 +12,11 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
   inductor fuses with SiLU.
 - ``gated_rms_norm``: rmsnorm(y * silu(z)) * weight for several scan outputs y of a token that share its gate z, read
   from wherever the scan left them (a row index), as the custom op ``lit_dimba::gated_rms_norm_forward``: our
-  Triton kernel on CUDA (``scan2d_kernels``: one launch for every output, no gather before it) with mamba-ssm's
-  backward kernel, ``gated_rms_norm_reference`` elsewhere.
+  Triton kernels on CUDA, forward and backward (``scan2d_kernels``: one launch each for every output, no gather),
+  ``gated_rms_norm_reference`` elsewhere.
 - ``gather_conv1d_silu``: ``causal_conv1d_silu`` along S sequences of rows put in scan orders, as the custom op
-  ``lit_dimba::gather_conv1d_silu``: our Triton kernel on CUDA (``scan2d_kernels``: each step's row read where it
-  lies, no gathered copy) with causal-conv1d's backward kernel, a gather and the PyTorch form elsewhere.
+  ``lit_dimba::gather_conv1d_silu``: our Triton kernels on CUDA, forward and backward (``scan2d_kernels``: each
+  step's row read where it lies, no gathered copy), a gather and the PyTorch form elsewhere.
 - ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
 - ``selective_scan``: Mamba-1's selective scan (per-channel, per-state decays) with its D skip and z gate:
   mamba-ssm's ``selective_scan_fn`` (the CUDA extension ``selective_scan_cuda``) when it is built, else
@@ -259,16 +259,6 @@ def mamba_ssm_scan_functions():
 
 
 @functools.cache
-def mamba_ssm_norm_backward():
-    """mamba-ssm's backward kernel of the gated norm (``_layer_norm_bwd``), or None when mamba-ssm does not import."""
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
-    except ImportError:
-        return None
-    return _layer_norm_bwd
-
-
-@functools.cache
 def scan2d_kernels():
     """Our Triton kernels of ``Scan2D`` (the module ``scan2d_kernels``), or None where triton does not import."""
     try:
@@ -286,16 +276,6 @@ def causal_conv1d_kernel():
     except ImportError:
         return None
     return causal_conv1d_fn
-
-
-@functools.cache
-def causal_conv1d_backward():
-    """causal-conv1d's backward, ``causal_conv1d.cpp_functions.causal_conv1d_bwd_function`` (1.7), or None."""
-    try:
-        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
-    except ImportError:
-        return None
-    return causal_conv1d_bwd_function
 
 
 def _conv_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -377,61 +357,51 @@ ssd_scan.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context
 
 @torch.library.custom_op("lit_dimba::gated_rms_norm_forward", mutates_args=())
 def gated_rms_norm_forward(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                           group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gated_rms_norm`` and what its backward keeps: (out (b * n, S, d) contiguous in y.dtype, rstd (S, d /
-    group_size * b * n) float32, the reciprocal RMS of each row and group). CUDA: our Triton kernel
-    (``scan2d_kernels``), which reads y's rows through ``rows`` in place; CPU: the reference on the gathered rows
-    (rstd is then empty: its backward recomputes)."""
+                           group_size: int, eps: float) -> torch.Tensor:
+    """``gated_rms_norm`` as one operator: (b * n, S, d) contiguous in y.dtype. CUDA: our Triton kernel
+    (``scan2d_kernels``), which reads y's rows through ``rows`` in place; CPU: the reference on the gathered rows."""
     if not y.is_cuda:
-        out = gated_rms_norm_reference(_rows_of(y, rows), z, weight, group_size, eps)
-        return out.contiguous(), y.new_empty(0, dtype=torch.float32)
+        return gated_rms_norm_reference(_rows_of(y, rows), z, weight, group_size, eps).contiguous()
     return _require_triton("gated_rms_norm_forward").gated_rms_norm_rows(y, rows, z, weight, group_size, eps)
 
 
 @gated_rms_norm_forward.register_fake
 def _gated_rms_norm_forward_fake(y, rows, z, weight, group_size, eps):
-    S = rows.shape[1]
-    rstd = (S, z.shape[0] * (y.shape[2] // group_size)) if y.is_cuda else (0,)
-    return y.new_empty(z.shape[0], S, y.shape[2]), y.new_empty(rstd, dtype=torch.float32)
+    return y.new_empty(z.shape[0], rows.shape[1], y.shape[2])
 
 
 @torch.library.custom_op("lit_dimba::gated_rms_norm_backward", mutates_args=())
 def gated_rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor,
-                            weight: torch.Tensor, rstd: torch.Tensor, group_size: int, eps: float
+                            weight: torch.Tensor, group_size: int, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``gated_rms_norm`` for ``grad`` (b * n, S, d): (dy (b, m, d), dz, dweight) in their inputs'
-    dtypes, dz and dweight summed over the S outputs. The rows of y are gathered again; then mamba-ssm's backward
-    kernel per output on CUDA, the vector-Jacobian product of the reference on a CPU; dy goes back to y's rows."""
-    gathered = _rows_of(y, rows)  # (b * n, S, d)
-    if not y.is_cuda:
-        _, vjp = torch.func.vjp(lambda *args: gated_rms_norm_reference(*args, group_size, eps), gathered, z, weight)
-        dgathered, dz, dweight = vjp(grad)
-    else:
-        backward = _require_mamba_ssm(mamba_ssm_norm_backward(), "gated_rms_norm")
-        dgathered, dz, dweight = torch.empty_like(gathered), 0, 0
-        for s in range(gathered.shape[1]):
-            dy_s, dweight_s, _, dz_s = backward(grad[:, s], gathered[:, s], weight, None, eps, None, rstd[s], z=z,
-                                                group_size=group_size, norm_before_gate=False, is_rms_norm=True)
-            dgathered[:, s] = dy_s
-            dz, dweight = dz + dz_s.float(), dweight + dweight_s.float()
+    dtypes, dz and dweight summed over the S outputs, dy at y's rows. CUDA: our Triton kernel, which reads y's rows
+    in place and writes dy there (``scan2d_kernels``); CPU: the vector-Jacobian product of the reference on the
+    gathered rows, put back."""
+    if y.is_cuda:
+        return _require_triton("gated_rms_norm_backward").gated_rms_norm_rows_backward(
+            grad, y, rows, z, weight, group_size, eps)
+    _, vjp = torch.func.vjp(lambda *args: gated_rms_norm_reference(*args, group_size, eps), _rows_of(y, rows), z,
+                            weight)
+    dgathered, dz, dweight = vjp(grad)
     b, m, d = y.shape
-    dy = y.new_empty(b, m, d).index_copy_(1, rows.flatten(), dgathered.view(b, m, d).to(y.dtype))
-    return dy, dz.to(z.dtype).contiguous(), dweight.to(weight.dtype)
+    dy = y.new_empty(b, m, d).index_copy_(1, rows.flatten(), dgathered.view(b, m, d))
+    return dy, dz.contiguous(), dweight
 
 
 @gated_rms_norm_backward.register_fake
-def _gated_rms_norm_backward_fake(grad, y, rows, z, weight, rstd, group_size, eps):
+def _gated_rms_norm_backward_fake(grad, y, rows, z, weight, group_size, eps):
     return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
 
 
 def _gated_rms_norm_setup_context(ctx, inputs, output):
     y, rows, z, weight, ctx.group_size, ctx.eps = inputs
-    ctx.save_for_backward(y, rows, z, weight, output[1])
+    ctx.save_for_backward(y, rows, z, weight)
 
 
-def _gated_rms_norm_grad(ctx, grad, _):
-    y, rows, z, weight, rstd = ctx.saved_tensors
-    dy, dz, dweight = gated_rms_norm_backward(grad.contiguous(), y, rows, z, weight, rstd, ctx.group_size, ctx.eps)
+def _gated_rms_norm_grad(ctx, grad):
+    y, rows, z, weight = ctx.saved_tensors
+    dy, dz, dweight = gated_rms_norm_backward(grad.contiguous(), y, rows, z, weight, ctx.group_size, ctx.eps)
     return dy, None, dz, dweight, None, None
 
 
@@ -454,7 +424,7 @@ def gated_rms_norm(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight:
     fuses itself.
     """
     if fused:
-        return gated_rms_norm_forward(y, rows, z, weight, group_size, eps)[0]
+        return gated_rms_norm_forward(y, rows, z, weight, group_size, eps)
     order = rows.flatten()
     where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     gathered = gather_rows(y, order, where[:, None]).view(z.shape[0], rows.shape[1], -1)
@@ -487,19 +457,17 @@ def gather_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: to
                                 weight: torch.Tensor, bias: torch.Tensor, channels: int
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``gather_conv1d_silu`` for ``grad`` (b * S, m, w): (dx (b, m, w), dweight, dbias) in their inputs'
-    dtypes. The sequences are gathered again; the conv's backward is causal-conv1d's kernel on CUDA where it is
-    installed (weights in x.dtype, as its forward), else the vector-Jacobian product of the PyTorch form; each row's
-    gradient is the sum of its S sequence steps' (a gather, no atomic adds)."""
+    dtypes, each row's gradient the sum over its S sequence steps. CUDA: our Triton kernel (``scan2d_kernels``),
+    which reads the steps each row meets where they lie and writes the row's gradient once, with no gathered copy;
+    CPU: the sequences gathered again, the vector-Jacobian product of the PyTorch form, and a gather of each row's S
+    gradients (no atomic adds)."""
+    if x.is_cuda:
+        return _require_triton("gather_conv1d_silu_backward").gather_causal_conv1d_silu_backward(
+            grad, x, to_scan, to_rows, weight, bias, channels)
     b, m, w = x.shape
     sequences = x.index_select(1, to_scan).view(-1, m, w)[..., :channels]
-    backward = causal_conv1d_backward() if x.is_cuda else None
-    if backward is not None and _conv_kernel_takes(sequences, weight):
-        dconv, dweight, dbias, _ = backward(sequences.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
-                                            grad[..., :channels].transpose(1, 2), None, None, None, None, False, True)
-        dconv = dconv.transpose(1, 2)
-    else:
-        _, vjp = torch.func.vjp(causal_conv1d_reference, sequences, weight, bias)
-        dconv, dweight, dbias = vjp(grad[..., :channels])
+    _, vjp = torch.func.vjp(causal_conv1d_reference, sequences, weight, bias)
+    dconv, dweight, dbias = vjp(grad[..., :channels])
     dsequences = torch.cat([dconv.to(grad.dtype), grad[..., channels:]], dim=-1).view(b, -1, w)
     dx = dsequences.index_select(1, to_rows.flatten()).view(b, m, -1, w).sum(2)
     return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)

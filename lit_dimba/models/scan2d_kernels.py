@@ -1,16 +1,20 @@
-"""Triton kernels of ``Scan2D``'s two steps that meet the scan orders: into the scan sequences and out of them.
+"""Triton kernels of ``Scan2D``'s two steps that meet the scan orders: into the scan sequences and out of them,
+forward and backward.
 
 ``Scan2D`` runs ``in_proj`` once on the row-major tokens and the conv and scan on S scan sequences (the tokens in
 other orders). Each kernel here reads rows through an index where a gather would otherwise copy them first:
 
 - ``gather_causal_conv1d_silu``: the sequences' causal depthwise conv and SiLU, each step reading its row of
   ``in_proj``'s output where it lies (and the columns after the conv channels, the raw steps dt, copied beside);
+  its backward writes each row's gradient once, summed over the S steps the row is in, from the steps its taps
+  meet (the conv recomputed there), with dweight and dbias as per-program partial sums;
 - ``gated_rms_norm_rows``: Mamba-2's gated RMSNorm of every token's S scan outputs, read where the scan left them,
   against the token's one gate z, written in row-major order; one program normalises one token's S outputs in one
-  channel group, reading its gate once, in float32 as mamba-ssm's one-pass kernel does.
+  channel group, reading its gate once, in float32 as mamba-ssm's one-pass kernel does. Its backward reads the
+  same rows, recomputes the RMS, writes dy where y lies and dz once per token.
 
-The forwards of the custom ops ``lit_dimba::gather_conv1d_silu`` and ``lit_dimba::gated_rms_norm_forward`` on CUDA
-(``mamba_ops``, which also holds their backwards and PyTorch forms). This module imports triton: load it through
+The kernels of the custom ops ``lit_dimba::gather_conv1d_silu`` and ``lit_dimba::gated_rms_norm_forward`` on CUDA
+(``mamba_ops``, which also holds their PyTorch forms). This module imports triton: load it through
 ``mamba_ops.scan2d_kernels()``, which is None where triton does not import. A CPU tensor runs in Triton's
 interpreter (TRITON_INTERPRET=1, tests).
 """
@@ -23,12 +27,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, RSTD, stride_y, stride_z, tokens, eps, S: tl.constexpr,
-                         GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, stride_y, stride_z, tokens, eps, S: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)  # b * tokens + t: the gate's row, and the output's rows token * S + s
     group = tl.program_id(1)
     ngroups = tl.num_programs(1)
-    rows = tl.num_programs(0)  # b * tokens
     cols = group * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
     z = tl.load(Z + token * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
@@ -40,31 +43,98 @@ def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, RSTD, stride_y, stride_z, tokens, e
         u = tl.load(Y + source * stride_y + cols, mask=mask, other=0.0).to(tl.float32) * gate
         rstd = 1 / tl.sqrt(tl.sum(u * u, axis=0) / GROUP + eps)
         tl.store(OUT + (token * S + s) * (GROUP * ngroups) + cols, u * rstd * w, mask=mask)
-        # rstd as mamba-ssm's backward reads it, one vector per output s: [s, group * rows + token]
-        tl.store(RSTD + s * (ngroups * rows) + group * rows + token, rstd)
 
 
-def gated_rms_norm_rows(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(y[b, rows[t, s]] * silu(z[b * n + t])) * weight for every batch element b, token t and order s.
+@triton.jit
+def _gated_rms_norm_rows_backward(GRAD, Y, ROWS, Z, W, DY, DZ, DW, stride_y, stride_z, tokens, total, per_program, eps,
+                                  S: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    group = tl.program_id(1)
+    width = GROUP * tl.num_programs(1)
+    cols = group * GROUP + tl.arange(0, BLOCK)
+    in_group = tl.arange(0, BLOCK) < GROUP
+    w = tl.load(W + cols, mask=in_group, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)  # this program's share of dweight, summed over its tokens
+    for i in range(0, per_program):
+        token = (program * per_program + i).to(tl.int64)  # b * tokens + t
+        mask = in_group & (token < total)
+        z = tl.load(Z + token * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+        sigmoid = tl.sigmoid(z)
+        gate = z * sigmoid
+        dgate = sigmoid * (1 + z * (1 - sigmoid))  # d silu(z) / dz
+        first = (token // tokens) * (tokens * S)
+        dz = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(S):
+            row = first + tl.load(ROWS + (token % tokens) * S + s, mask=token < total, other=0)
+            y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+            u = y * gate
+            rstd = 1 / tl.sqrt(tl.sum(u * u, axis=0) / GROUP + eps)
+            normed = u * rstd
+            grad = tl.load(GRAD + (token * S + s) * width + cols, mask=mask, other=0.0).to(tl.float32)
+            dw += grad * normed
+            dnormed = grad * w
+            du = (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / GROUP)) * rstd
+            tl.store(DY + row * width + cols, du * gate, mask=mask)
+            dz += du * y * dgate
+        tl.store(DZ + token * width + cols, dz, mask=mask)
+    tl.store(DW + program * width + cols, dw, mask=in_group)
 
-    y (b, m, d) with unit stride along d (rows may be strided), rows (n, S) int64 with n * S = m, z (b * n, d) with
-    unit stride along d, weight (d,) -> (out (b * n, S, d) contiguous in y.dtype, rstd (S, d / group_size * b * n)
-    float32, laid out as mamba-ssm's ``_layer_norm_bwd`` takes it for output s).
-    """
+
+def _check_norm_inputs(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, what: str) -> None:
     b, m, d = y.shape
     n, S = rows.shape
     if n * S != m or z.shape != (b * n, d) or y.stride(2) != 1 or z.stride(1) != 1 or y.stride(0) != m * y.stride(1):
-        raise ValueError(f"gated_rms_norm_rows: y {tuple(y.shape)} (strides {y.stride()}), rows {tuple(rows.shape)}, "
-                         f"z {tuple(z.shape)} (strides {z.stride()}) do not fit")
+        raise ValueError(f"{what}: y {tuple(y.shape)} (strides {y.stride()}), rows {tuple(rows.shape)}, z "
+                         f"{tuple(z.shape)} (strides {z.stride()}) do not fit")
+
+
+def _device(t: torch.Tensor):
+    """The CUDA device of ``t`` as the current one while a kernel launches; nothing for a CPU tensor (Triton's
+    interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def gated_rms_norm_rows(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                        eps: float) -> torch.Tensor:
+    """rmsnorm(y[b, rows[t, s]] * silu(z[b * n + t])) * weight for every batch element b, token t and order s.
+
+    y (b, m, d) with unit stride along d (rows may be strided), rows (n, S) int64 with n * S = m, z (b * n, d) with
+    unit stride along d, weight (d,) -> (b * n, S, d) contiguous in y.dtype.
+    """
+    _check_norm_inputs(y, rows, z, "gated_rms_norm_rows")
+    b, m, d = y.shape
+    n, S = rows.shape
     out = torch.empty(b * n, S, d, dtype=y.dtype, device=y.device)
-    rstd = torch.empty(S, d // group_size * b * n, dtype=torch.float32, device=y.device)
     block = triton.next_power_of_2(group_size)
-    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():  # (a CPU y: the interpreter)
+    with _device(y):
         _gated_rms_norm_rows[(b * n, d // group_size)](
-            y, rows.contiguous(), z, weight.contiguous(), out, rstd, y.stride(1), z.stride(0), n, eps, S=S,
+            y, rows.contiguous(), z, weight.contiguous(), out, y.stride(1), z.stride(0), n, eps, S=S,
             GROUP=group_size, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
-    return out, rstd
+    return out
+
+
+def gated_rms_norm_rows_backward(grad: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor,
+                                 weight: torch.Tensor, group_size: int, eps: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``gated_rms_norm_rows`` for ``grad`` (b * n, S, d) contiguous: (dy (b, m, d) contiguous, each
+    output's gradient at its row of y, in y.dtype; dz (b * n, d) contiguous in z.dtype, summed over the S outputs;
+    dweight (d,) in weight.dtype). One program per group of channels and run of tokens reads each token's gate once
+    and its S outputs where they lie, recomputing the RMS; dweight is summed over the programs' partial sums."""
+    _check_norm_inputs(y, rows, z, "gated_rms_norm_rows_backward")
+    b, m, d = y.shape
+    n, S = rows.shape
+    total = b * n
+    per_program = triton.cdiv(total, min(total, NORM_BACKWARD_PROGRAMS))
+    programs = triton.cdiv(total, per_program)
+    dy = torch.empty(b, m, d, dtype=y.dtype, device=y.device)
+    dz = torch.empty(total, d, dtype=z.dtype, device=z.device)
+    dweight = torch.empty(programs, d, dtype=torch.float32, device=y.device)
+    block = triton.next_power_of_2(group_size)
+    with _device(y):
+        _gated_rms_norm_rows_backward[(programs, d // group_size)](
+            grad, y, rows.contiguous(), z, weight.contiguous(), dy, dz, dweight, y.stride(1), z.stride(0), n, total,
+            per_program, eps, S=S, GROUP=group_size, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+    return dy, dz, dweight.sum(0).to(weight.dtype)
 
 
 @triton.jit
@@ -93,6 +163,14 @@ def _gather_causal_conv1d_silu(X, INDEX, W, BIAS, OUT, stride_x, length, width, 
              mask=in_sequence[:, None] & in_row[None, :])
 
 
+# The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
+# Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike. The backward takes the same.
+BLOCK_L, BLOCK_D, WARPS = 32, 128, 4
+# The backwards sum dweight over per-program partial sums; each program takes several blocks of steps (conv) or
+# tokens (norm) while there are at least about this many programs (times the column blocks, for the conv).
+CONV_BACKWARD_PROGRAMS, NORM_BACKWARD_PROGRAMS = 64, 1024
+
+
 def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                               channels: int) -> torch.Tensor:
     """S sequences of x's rows, their first ``channels`` columns through a causal depthwise conv and SiLU.
@@ -108,9 +186,96 @@ def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: to
         raise ValueError(f"gather_causal_conv1d_silu: x {tuple(x.shape)} (strides {x.stride()}), to_scan "
                          f"{tuple(to_scan.shape)}, weight {tuple(weight.shape)} do not fit")
     out = torch.empty(b * S, m, w, dtype=x.dtype, device=x.device)
-    block_l, block_d = 32, 128
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # (a CPU x: the interpreter)
-        _gather_causal_conv1d_silu[(triton.cdiv(m, block_l), triton.cdiv(w, block_d), b * S)](
+    with _device(x):
+        _gather_causal_conv1d_silu[(triton.cdiv(m, BLOCK_L), triton.cdiv(w, BLOCK_D), b * S)](
             x, to_scan.contiguous(), weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous(), out, x.stride(1),
-            m, w, channels, S=S, K=weight.shape[1], BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+            m, w, channels, S=S, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
     return out
+
+
+@triton.jit
+def _gather_causal_conv1d_silu_backward(GRAD, X, INDEX, ROWS, W, BIAS, DX, PARTIAL, stride_x, length, width, channels,
+                                        per_program, S: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr,
+                                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    batch = tl.program_id(2).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row, conv = cols < width, cols < channels
+    bias = tl.load(BIAS + cols, mask=conv, other=0.0).to(tl.float32)
+    taps = tl.arange(0, TAPS)  # rows of this program's partial sums: dweight's K taps, then dbias
+    partial = tl.zeros([TAPS, BLOCK_D], dtype=tl.float32)
+    for i in range(0, per_program):
+        # a block of steps of sequence 0, whose tokens' gradients this program writes (each token appears once)
+        steps = (tl.program_id(0) * per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+        in_block = steps < length
+        token = tl.load(INDEX + steps, mask=in_block, other=0)
+        dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(S):
+            index = INDEX + s * length  # the row of each step of sequence s
+            grad = GRAD + (batch * S + s) * length * width
+            position = tl.load(ROWS + token * S + s, mask=in_block, other=0) - s * length  # the token's step in s
+            for j in tl.static_range(K):  # the step j places later, whose tap K - 1 - j the token's row meets
+                later = position + j
+                valid = in_block & (later < length)
+                pre = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32) + bias[None, :]  # the conv there, recomputed
+                for k in tl.static_range(K):
+                    back = later - (K - 1 - k)
+                    tapped = valid & (back >= 0)
+                    row = tl.load(index + back, mask=tapped, other=0)
+                    x = tl.load(X + (batch * length + row)[:, None] * stride_x + cols[None, :],
+                                mask=tapped[:, None] & conv[None, :], other=0.0)
+                    pre += x.to(tl.float32) * tl.load(W + cols * K + k, mask=conv, other=0.0).to(tl.float32)[None, :]
+                g = tl.load(grad + later[:, None] * width + cols[None, :], mask=valid[:, None] & in_row[None, :],
+                            other=0.0).to(tl.float32)
+                sigmoid = tl.sigmoid(pre)
+                dpre = g * sigmoid * (1 + pre * (1 - sigmoid))  # through the SiLU
+                w = tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)
+                if j == 0:  # the token's own step: the other columns pass through; dweight and dbias
+                    dx += tl.where(conv[None, :], dpre * w[None, :], g)
+                    partial += tl.where(taps[:, None] == K, tl.sum(dpre, axis=0)[None, :], 0.0)
+                    for k in tl.static_range(K):
+                        back = later - (K - 1 - k)
+                        tapped = valid & (back >= 0)
+                        row = tl.load(index + back, mask=tapped, other=0)
+                        x = tl.load(X + (batch * length + row)[:, None] * stride_x + cols[None, :],
+                                    mask=tapped[:, None] & conv[None, :], other=0.0)
+                        partial += tl.where(taps[:, None] == k, tl.sum(dpre * x.to(tl.float32), axis=0)[None, :], 0.0)
+                else:
+                    dx += dpre * w[None, :]
+        tl.store(DX + (batch * length + token)[:, None] * width + cols[None, :], dx,
+                 mask=in_block[:, None] & in_row[None, :])
+    tl.store(PARTIAL + ((batch * tl.num_programs(0) + tl.program_id(0)) * TAPS + taps[:, None]) * channels
+             + cols[None, :], partial, mask=(taps[:, None] <= K) & conv[None, :])
+
+
+def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: torch.Tensor,
+                                       to_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``gather_causal_conv1d_silu`` for ``grad`` (b * S, m, w) contiguous: (dx (b, m, w)
+    contiguous in x.dtype, each row's the sum over its S sequence steps; dweight (channels, k) and dbias in their
+    dtypes). to_rows (m, S): the position of each row among the S * m sequence steps (``to_scan``'s inverse).
+
+    One program per block of steps of the first sequence and block of columns writes the gradients of those steps'
+    rows: for each sequence it reads the K steps that each row's taps meet where they lie, recomputing the conv
+    there, so nothing is gathered or written in scan order; dweight and dbias are summed over the programs' partial
+    sums (no atomic adds: deterministic).
+    """
+    b, m, w = x.shape
+    S, k = to_scan.numel() // m, weight.shape[1]
+    if (S * m != to_scan.numel() or to_rows.shape != (m, S) or grad.shape != (b * S, m, w) or not grad.is_contiguous()
+            or x.stride(2) != 1 or x.stride(0) != m * x.stride(1) or weight.shape[0] != channels):
+        raise ValueError(f"gather_causal_conv1d_silu_backward: grad {tuple(grad.shape)}, x {tuple(x.shape)} (strides "
+                         f"{x.stride()}), to_scan {tuple(to_scan.shape)}, to_rows {tuple(to_rows.shape)}, weight "
+                         f"{tuple(weight.shape)} do not fit")
+    blocks = triton.cdiv(m, BLOCK_L)
+    per_program = max(1, min(8, blocks * b // CONV_BACKWARD_PROGRAMS))  # fewer partial sums, the GPU still filled
+    programs = triton.cdiv(blocks, per_program)
+    taps = triton.next_power_of_2(k + 1)
+    dx = torch.empty(b, m, w, dtype=x.dtype, device=x.device)
+    partial = torch.empty(b, programs, taps, channels, dtype=torch.float32, device=x.device)
+    with _device(x):
+        _gather_causal_conv1d_silu_backward[(programs, triton.cdiv(w, BLOCK_D), b)](
+            grad, x, to_scan.contiguous(), to_rows.contiguous(), weight.to(x.dtype).contiguous(),
+            bias.to(x.dtype).contiguous(), dx, partial, x.stride(1), m, w, channels, per_program, S=S, K=k, TAPS=taps,
+            BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
+    sums = partial[:, :, : k + 1].sum((0, 1))  # (k + 1, channels)
+    return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
