@@ -1,8 +1,8 @@
 """GPU checks and timings of the hybrid backbone (issue "Fast hybrid on the GPU"); prints short tables.
 
 Parts (``--parts``, default all; they run in the order given):
-  check    correctness first: the lean ``Scan2D`` on the CUDA kernels (our Triton conv and gated norm, mamba-ssm's
-           scan, causal-conv1d's and mamba-ssm's backward kernels) vs on PyTorch's, fp32 and bf16, outputs and
+  check    correctness first (``--checks`` picks sections): the lean ``Scan2D`` on the CUDA kernels (our Triton
+           conv and gated norm, forwards and backwards; mamba-ssm's scan) vs on PyTorch's, fp32 and bf16, outputs and
            gradients; the Mamba-2 kernel paths (our PyTorch SSD vs the custom op on mamba-ssm's Triton kernels,
            fp32 against a float64 reference and in bf16; our module vs ``mamba_ssm.Mamba2`` with each other's
            state dict); the MLP's GELU epilogue vs GEMM then GELU; compiled vs eager backbones in bf16; sampling
@@ -21,6 +21,10 @@ Parts (``--parts``, default all; they run in the order given):
            on random latents and T5-sized text features; images/s by ``callbacks.Throughput`` and, with FLOPs per
            step from ``torch.utils.flop_counter``, the fraction of the H100/H200 dense bf16 peak (989 TFLOP/s).
            Settings ``PRESET:RESOLUTIONxBATCH``; gradient checkpointing from 2048^2.
+  train_profile
+           where the GPU time of a training step goes (``--train_profile`` settings, CUDA only): kernel families
+           (GEMMs, attention, the SSD scan, the conv and norm along scan orders, Inductor's fused kernels,
+           optimizer, copies) and the top kernels, per step, next to the step's wall time.
   distill  ``DistillModule`` (dit-xl/2 teacher with random weights -> t2md) stages ``forcing`` and ``kd`` the same
            way, for each ``--distill`` setting.
 
@@ -63,6 +67,11 @@ from shared import TINY_F8_VAE, backbone_arguments, backbone_file, table  # benc
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the issue's yardstick
 # target DiT time / t2md time per step (issue [1/7]); at 512^2 and 1024^2 a floor of the ratio too
 TARGETS = {"2048x2048": 1.5, "3840x2160": 2.1, "4096x4096": 2.8, "512x512": 0.6, "1024x1024": 0.8}
+CHECKS = {"scan2d": "Scan2D on the CUDA kernels vs PyTorch, fp32 and bf16, outputs and gradients",
+          "mamba2": "Mamba2's kernel paths vs float64, and vs mamba_ssm.Mamba2",
+          "mlp": "the MLP's GELU epilogue vs GEMM then GELU",
+          "compiled": "compiled vs eager backbones, bf16",
+          "sampling": "sampling with and without CUDA graphs"}
 RESULTS: dict = {}
 RESULTS_PATH: str | None = None
 
@@ -188,22 +197,38 @@ def check(args) -> str:
     cfg = dict(d_state=16, headdim=16, chunk_size=32) if tiny else dict(d_state=256, headdim=64, chunk_size=256)
     fused_kernel = "mamba_ssm" if device == "cuda" else "torch"
     torch.set_float32_matmul_precision("highest")  # fp32 means fp32 here (Triton's own dots still use TF32)
-    # The lean 2-D scan first (its Triton conv and norm, mamba-ssm's scan; causal-conv1d's conv backward) vs PyTorch,
-    # fp32, outputs and gradients.
-    grid = (8, 10) if tiny else (64, 64)
-    scans = []
-    for kernel in ("torch", "auto"):
-        torch.manual_seed(0)
-        scan = Scan2D(d_model, "h", kernel=kernel, **cfg).to(device)
-        scan.grid = grid
-        scans.append(scan)
-    xs = torch.randn(2, grid[0] * grid[1], d_model, device=device)
-    w2 = torch.randn(xs.shape, device=device, dtype=torch.float64)
-    rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, fp32", run_mamba(scans[1], xs, w2),
-                        run_mamba(scans[0], xs, w2), 2e-3))
-    rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, bf16",
-                        run_mamba(scans[1].bfloat16(), xs.bfloat16(), w2),
-                        run_mamba(scans[0].bfloat16(), xs.bfloat16(), w2), 1e-2))
+    # The lean 2-D scan first (our Triton conv and norm, forwards and backwards; mamba-ssm's scan) vs PyTorch, outputs
+    # and gradients.
+    if "scan2d" in args.checks:
+        grid = (8, 10) if tiny else (64, 64)
+        scans = []
+        for kernel in ("torch", "auto"):
+            torch.manual_seed(0)
+            scan = Scan2D(d_model, "h", kernel=kernel, **cfg).to(device)
+            scan.grid = grid
+            scans.append(scan)
+        xs = torch.randn(2, grid[0] * grid[1], d_model, device=device)
+        w2 = torch.randn(xs.shape, device=device, dtype=torch.float64)
+        rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, fp32", run_mamba(scans[1], xs, w2),
+                            run_mamba(scans[0], xs, w2), 2e-3))
+        rows.append(compare("Scan2D h bidirectional: CUDA kernels vs torch, bf16",
+                            run_mamba(scans[1].bfloat16(), xs.bfloat16(), w2),
+                            run_mamba(scans[0].bfloat16(), xs.bfloat16(), w2), 1e-2))
+    if "mamba2" in args.checks:
+        rows += check_mamba2(args, d_model, length, cfg, fused_kernel)
+    torch.set_float32_matmul_precision("high")
+    if "mlp" in args.checks:
+        rows.append(check_mlp(device, d_model, length))
+    if "compiled" in args.checks:
+        rows += check_compiled(args)
+    if "sampling" in args.checks and device == "cuda":
+        rows.append(check_sampling(tiny))
+    return table(["comparison", "output rel. err", "worst grad rel. err", "bound", "verdict"], rows)
+
+
+def check_mamba2(args, d_model: int, length: int, cfg: dict, fused_kernel: str) -> list:
+    """Our Mamba2 on PyTorch (fp32) and on the CUDA kernels (fp32, bf16) against float64; ours vs mamba_ssm.Mamba2."""
+    device, rows = args.device, []
     torch.manual_seed(0)
     ours = Mamba2(d_model, kernel="torch", **cfg).to(device)
     fused = Mamba2(d_model, kernel=fused_kernel, **cfg).to(device)
@@ -239,8 +264,11 @@ def check(args) -> str:
                        f"{err:.2e}", "-", "2e-3", "ok" if err <= 2e-3 else "FAIL"]
                 record("check", {"comparison": row[0], "output": row[1]})
                 rows.append(row)
-    torch.set_float32_matmul_precision("high")
-    # The MLP without gradients on CUDA (fc1 and GELU as one GEMM with cuBLASLt's GELU epilogue) vs the two steps.
+    return rows
+
+
+def check_mlp(device: str, d_model: int, length: int) -> list:
+    """The MLP without gradients on CUDA (fc1 and GELU as one GEMM with cuBLASLt's GELU epilogue) vs the two steps."""
     mlp = Mlp(d_model, 4 * d_model).to(device, torch.bfloat16)
     xm = torch.randn(2, length, d_model, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -251,8 +279,12 @@ def check(args) -> str:
     row = ["Mlp without gradients (GELU epilogue on CUDA) vs with, bf16", f"{err:.2e}", "-", "1e-2",
            "ok" if err <= 1e-2 else "FAIL"]
     record("check", {"comparison": row[0], "output": row[1]})
-    rows.append(row)
-    # Compiled vs eager backbones, bf16 weights, 512^2 and 1024x512 (a non-square grid).
+    return row
+
+
+def check_compiled(args) -> list:
+    """Compiled vs eager backbones, bf16 weights, 512^2 and 1024x512 (a non-square grid)."""
+    device, tiny, rows = args.device, args.tiny, []
     for preset in args.presets:
         torch.manual_seed(0)
         model = build(preset, tiny).to(device, torch.bfloat16).eval()
@@ -271,21 +303,26 @@ def check(args) -> str:
             record("check", {"comparison": row[0], "output": row[1]})
             rows.append(row)
         del model, compiled_model
-    # Sampling with and without CUDA graphs: same weights, prompts and seeds.
-    if device == "cuda":
-        module = diffusion_module("t2md", tiny).to(device)
-        module.model.compile_blocks(dynamic=True)
-        images = []
-        for cuda_graph in (False, True):
-            sampling = Sampling(steps=4, cfg_scale=4.5, cuda_graph=cuda_graph)
-            with torch.autocast("cuda", torch.bfloat16):
-                images.append(module.generate(["a red circle", "two blue squares"], 256, 256, sampling=sampling))
-        err = (images[0] - images[1]).abs().max().item()
-        row = ["t2md sampling, CUDA graph vs none (4 steps, CFG)", f"{err:.2e} (max abs)", "-", "1e-2",
-               "ok" if err <= 1e-2 else "FAIL"]
-        record("check", {"comparison": row[0], "output": row[1]})
-        rows.append(row)
-    return table(["comparison", "output rel. err", "worst grad rel. err", "bound", "verdict"], rows)
+    return rows
+
+
+def check_sampling(tiny: bool) -> list:
+    """Sampling with and without CUDA graphs: same weights, prompts and seeds."""
+    module = diffusion_module("t2md", tiny).to("cuda")
+    module.model.compile_blocks(dynamic=True)
+    images = []
+    for cuda_graph in (False, True):
+        sampling = Sampling(steps=4, cfg_scale=4.5, cuda_graph=cuda_graph)
+        with torch.autocast("cuda", torch.bfloat16):
+            images.append(module.generate(["a red circle", "two blue squares"], 256, 256, sampling=sampling))
+    err = (images[0] - images[1]).abs().max().item()
+    row = ["t2md sampling, CUDA graph vs none (4 steps, CFG)", f"{err:.2e} (max abs)", "-", "1e-2",
+           "ok" if err <= 1e-2 else "FAIL"]
+    record("check", {"comparison": row[0], "output": row[1]})
+    return row
+
+
+
 
 
 # ------------------------------------------------------------------------------------------------------- latency
@@ -474,9 +511,9 @@ def flops_per_step(module, batch: dict, device: str) -> float:
     return counter.get_total_flops() * len(batch["caption"])
 
 
-def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str) -> dict:
+def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str, callbacks=()) -> dict:
     """Trainer.fit for warm-up + timed steps (the blocks compiled on a GPU: ``compile: auto``); images/s from the
-    Throughput callback, FLOPs from the counter."""
+    Throughput callback, FLOPs from the counter; ``callbacks`` join the Throughput one."""
     dataset = RandomFeatures(module.model, resolution, batch, args.warmup + args.steps)
     module.batch_encoders = CachedEncoders(module.vae)  # the batches are feature-cache batches
     flops = flops_per_step(module.to(args.device), dataset[0], args.device)
@@ -485,7 +522,7 @@ def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str
                         precision="bf16-mixed" if args.device == "cuda" else "32-true",
                         max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Throughput(args.warmup, output)])
+                        enable_model_summary=False, callbacks=[Throughput(args.warmup, output), *callbacks])
     trainer.fit(module, datamodule=RandomData(dataset, resolution))
     result = json.load(open(output))
     result["tflops"] = flops * result["images_per_sec"] / batch / 1e12
@@ -518,6 +555,84 @@ def train(args) -> str:
                 torch.cuda.empty_cache()
     return table(["backbone", "image", "batch", "grad. ckpt", "images/s", "TFLOP/s (counted)", "of 989",
                   "peak GiB"], rows)
+
+
+# Kernel families of a training step's profile, by the first pattern that its kernel name matches.
+KERNEL_FAMILIES = [
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+    ("SSD scan (mamba-ssm)", ("_chunk", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state")),
+    ("compiled elementwise (Inductor)", ("triton_",)),
+    ("conv / norm along scan orders", ("causal_conv1d", "_gather_causal", "_gated_rms_norm", "_layer_norm")),
+    ("optimizer", ("multi_tensor",)),
+    ("copies, casts, indexing", ("copy", "cast", "index", "gather", "scatter", "cat", "elementwise")),
+]
+
+
+class ProfileSteps(L.Callback):
+    """torch.profiler over ``count`` training steps (forward, backward and optimizer) after ``start`` untimed ones."""
+
+    def __init__(self, start: int, count: int):
+        self.start, self.count = start, count
+        self.profiler = None
+        self.wall = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.start:
+            torch.cuda.synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.wall = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.start + self.count - 1:
+            torch.cuda.synchronize()
+            self.wall = time.perf_counter() - self.wall
+            self.profiler.__exit__(None, None, None)
+
+
+def train_profile(args) -> str:
+    """Where a training step's GPU time goes: kernel families and the top kernels, per step, for each
+    ``--train_profile`` setting (the ``train`` part's module and Trainer)."""
+    if args.device != "cuda":
+        return "train_profile: CUDA only"
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        for setting in args.train_profile:
+            preset, _, shape = setting.partition(":")
+            resolution, batch = (int(v) for v in shape.split("x"))
+            steps = 3
+            profiler = ProfileSteps(args.warmup, steps)
+
+            def run():
+                module = diffusion_module(preset, args.tiny, gradient_checkpointing=resolution >= 2048)
+                return fit_speed(module, f"profile-{preset}-{resolution}", resolution, batch, args, folder,
+                                 callbacks=[profiler])
+
+            if guarded("train_profile", setting, run) is None or profiler.profiler is None:
+                continue
+            # kernels only: not the user ranges (Lightning runs forward and backward inside ``Optimizer.step``)
+            events = [e for e in profiler.profiler.key_averages() if e.device_type.name == "CUDA"
+                      and e.self_device_time_total > 0 and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
+            total = sum(e.self_device_time_total for e in events) / 1000 / steps  # ms per step
+            families: dict[str, float] = {}
+            for e in events:
+                name = e.key.lower()
+                family = next((f for f, patterns in KERNEL_FAMILIES if any(p in name for p in patterns)), "other")
+                families[family] = families.get(family, 0.0) + e.self_device_time_total / 1000 / steps
+            wall = 1000 * profiler.wall / steps
+            record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
+                                     "top": [[e.key[:120], e.count // steps, e.self_device_time_total / 1000 / steps]
+                                             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]})
+            rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"] for f, ms in sorted(families.items(), key=lambda i: -i[1])]
+            top = [[e.key[:100], e.count // steps, f"{e.self_device_time_total / 1000 / steps:.2f}"]
+                   for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
+            out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels\n"
+                       + table(["family", "ms per step", "share"], rows) + "\n\n" + table(["kernel", "calls", "ms"], top))
+            print(out[-1], flush=True)
+            torch.cuda.empty_cache()
+    return "\n\n".join(out)
 
 
 def distill(args) -> str:
@@ -553,8 +668,11 @@ def distill(args) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parts = {"check": check, "latency": latency, "sample": sample, "profile": profile, "train": train,
-             "distill": distill}
-    parser.add_argument("--parts", nargs="+", default=list(parts), choices=list(parts))
+             "train_profile": train_profile, "distill": distill}
+    parser.add_argument("--parts", nargs="+", default=[p for p in parts if p != "train_profile"],
+                        choices=list(parts))
+    parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS),
+                        help="the check part's sections, in this order: " + "; ".join(f"{k}: {v}" for k, v in CHECKS.items()))
     parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md"],
                         help="backbones (e.g. add dimba-l/2, the released Dimba); the first (the DiT) is compared "
                              "with each of the others")
@@ -566,6 +684,8 @@ def main():
     parser.add_argument("--sample_steps", type=int, default=10)
     parser.add_argument("--train", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16", "dit-xl/2:2048x2",
                                                        "t2md:2048x2"], help="PRESET:RESOLUTIONxBATCH")
+    parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16"],
+                        help="PRESET:RESOLUTIONxBATCH, profiled (train_profile part; CUDA only)")
     parser.add_argument("--distill", nargs="+", default=["512x16"], help="RESOLUTIONxBATCH")
     parser.add_argument("--iters", type=int, default=15, help="timed calls per latency measurement")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps (compilation happens here)")
