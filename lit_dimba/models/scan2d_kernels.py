@@ -208,6 +208,8 @@ def _gather_causal_conv1d_silu_backward(GRAD, X, INDEX, ROWS, W, BIAS, DX, PARTI
         steps = (tl.program_id(0) * per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
         in_block = steps < length
         token = tl.load(INDEX + steps, mask=in_block, other=0)
+        own = tl.load(X + (batch * length + token)[:, None] * stride_x + cols[None, :],
+                      mask=in_block[:, None] & conv[None, :], other=0.0).to(tl.float32)  # the tokens' rows
         dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         for s in tl.static_range(S):
             index = INDEX + s * length  # the row of each step of sequence s
@@ -220,7 +222,8 @@ def _gather_causal_conv1d_silu_backward(GRAD, X, INDEX, ROWS, W, BIAS, DX, PARTI
                 for k in tl.static_range(K):
                     back = later - (K - 1 - k)
                     tapped = valid & (back >= 0)
-                    row = tl.load(index + back, mask=tapped, other=0)
+                    # clamped, not masked: Triton 3.6 fails to lay out a mask used by this load and the next alike
+                    row = tl.load(index + tl.minimum(tl.maximum(back, 0), length - 1))
                     x = tl.load(X + (batch * length + row)[:, None] * stride_x + cols[None, :],
                                 mask=tapped[:, None] & conv[None, :], other=0.0)
                     pre += x.to(tl.float32) * tl.load(W + cols * K + k, mask=conv, other=0.0).to(tl.float32)[None, :]
@@ -229,18 +232,13 @@ def _gather_causal_conv1d_silu_backward(GRAD, X, INDEX, ROWS, W, BIAS, DX, PARTI
                 sigmoid = tl.sigmoid(pre)
                 dpre = g * sigmoid * (1 + pre * (1 - sigmoid))  # through the SiLU
                 w = tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)
-                if j == 0:  # the token's own step: the other columns pass through; dweight and dbias
+                if j == 0:  # the token's own step: the other columns pass through, and dbias
                     dx += tl.where(conv[None, :], dpre * w[None, :], g)
                     partial += tl.where(taps[:, None] == K, tl.sum(dpre, axis=0)[None, :], 0.0)
-                    for k in tl.static_range(K):
-                        back = later - (K - 1 - k)
-                        tapped = valid & (back >= 0)
-                        row = tl.load(index + back, mask=tapped, other=0)
-                        x = tl.load(X + (batch * length + row)[:, None] * stride_x + cols[None, :],
-                                    mask=tapped[:, None] & conv[None, :], other=0.0)
-                        partial += tl.where(taps[:, None] == k, tl.sum(dpre * x.to(tl.float32), axis=0)[None, :], 0.0)
                 else:
                     dx += dpre * w[None, :]
+                # dweight's tap K - 1 - j: each step's pre-activation gradient times the row that tap met there
+                partial += tl.where(taps[:, None] == K - 1 - j, tl.sum(dpre * own, axis=0)[None, :], 0.0)
         tl.store(DX + (batch * length + token)[:, None] * width + cols[None, :], dx,
                  mask=in_block[:, None] & in_row[None, :])
     tl.store(PARTIAL + ((batch * tl.num_programs(0) + tl.program_id(0)) * TAPS + taps[:, None]) * channels
