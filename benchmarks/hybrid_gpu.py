@@ -625,11 +625,13 @@ def train_profile(args) -> str:
             record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
                                      "top": [[e.key[:120], e.count // steps, e.self_device_time_total / 1000 / steps]
                                              for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]})
-            rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"] for f, ms in sorted(families.items(), key=lambda i: -i[1])]
+            rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
+                    for f, ms in sorted(families.items(), key=lambda item: -item[1])]
             top = [[e.key[:100], e.count // steps, f"{e.self_device_time_total / 1000 / steps:.2f}"]
                    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
             out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels\n"
-                       + table(["family", "ms per step", "share"], rows) + "\n\n" + table(["kernel", "calls", "ms"], top))
+                       + table(["family", "ms per step", "share"], rows) + "\n\n"
+                       + table(["kernel", "calls", "ms"], top))
             print(out[-1], flush=True)
             torch.cuda.empty_cache()
     return "\n\n".join(out)
@@ -672,7 +674,8 @@ def main():
     parser.add_argument("--parts", nargs="+", default=[p for p in parts if p != "train_profile"],
                         choices=list(parts))
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS),
-                        help="the check part's sections, in this order: " + "; ".join(f"{k}: {v}" for k, v in CHECKS.items()))
+                        help="the check part's sections, in this order: "
+                        + "; ".join(f"{name}: {what}" for name, what in CHECKS.items()))
     parser.add_argument("--presets", nargs="+", default=["dit-xl/2", "t2md"],
                         help="backbones (e.g. add dimba-l/2, the released Dimba); the first (the DiT) is compared "
                              "with each of the others")

@@ -1,22 +1,19 @@
-"""Triton kernels of ``Scan2D``'s two steps that meet the scan orders: into the scan sequences and out of them,
-forward and backward.
+"""Triton kernels of ``Scan2D``'s two steps that meet the scan orders: into the scan sequences and out of them.
 
 ``Scan2D`` runs ``in_proj`` once on the row-major tokens and the conv and scan on S scan sequences (the tokens in
 other orders). Each kernel here reads rows through an index where a gather would otherwise copy them first:
 
 - ``gather_causal_conv1d_silu``: the sequences' causal depthwise conv and SiLU, each step reading its row of
   ``in_proj``'s output where it lies (and the columns after the conv channels, the raw steps dt, copied beside);
-  its backward writes each row's gradient once, summed over the S steps the row is in, from the steps its taps
-  meet (the conv recomputed there), with dweight and dbias as per-program partial sums;
 - ``gated_rms_norm_rows``: Mamba-2's gated RMSNorm of every token's S scan outputs, read where the scan left them,
   against the token's one gate z, written in row-major order; one program normalises one token's S outputs in one
   channel group, reading its gate once, in float32 as mamba-ssm's one-pass kernel does. Its backward reads the
   same rows, recomputes the RMS, writes dy where y lies and dz once per token.
 
-The kernels of the custom ops ``lit_dimba::gather_conv1d_silu`` and ``lit_dimba::gated_rms_norm_forward`` on CUDA
-(``mamba_ops``, which also holds their PyTorch forms). This module imports triton: load it through
-``mamba_ops.scan2d_kernels()``, which is None where triton does not import. A CPU tensor runs in Triton's
-interpreter (TRITON_INTERPRET=1, tests).
+The kernels of the custom ops ``lit_dimba::gather_conv1d_silu`` (forward; its backward is causal-conv1d's) and
+``lit_dimba::gated_rms_norm_forward`` (forward and backward) on CUDA (``mamba_ops``, which also holds their PyTorch
+forms). This module imports triton: load it through ``mamba_ops.scan2d_kernels()``, which is None where triton does
+not import. A CPU tensor runs in Triton's interpreter (TRITON_INTERPRET=1, tests).
 """
 
 import contextlib
@@ -43,6 +40,11 @@ def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, stride_y, stride_z, tokens, eps, S:
         u = tl.load(Y + source * stride_y + cols, mask=mask, other=0.0).to(tl.float32) * gate
         rstd = 1 / tl.sqrt(tl.sum(u * u, axis=0) / GROUP + eps)
         tl.store(OUT + (token * S + s) * (GROUP * ngroups) + cols, u * rstd * w, mask=mask)
+
+
+# The norm's backward sums dweight over per-program partial sums; each program takes several tokens while there are
+# more than this many.
+NORM_BACKWARD_PROGRAMS = 1024
 
 
 @triton.jit
@@ -124,7 +126,7 @@ def gated_rms_norm_rows_backward(grad: torch.Tensor, y: torch.Tensor, rows: torc
     b, m, d = y.shape
     n, S = rows.shape
     total = b * n
-    per_program = triton.cdiv(total, min(total, NORM_BACKWARD_PROGRAMS))
+    per_program = triton.cdiv(total, min(total, NORM_BACKWARD_PROGRAMS))  # tokens per program
     programs = triton.cdiv(total, per_program)
     dy = torch.empty(b, m, d, dtype=y.dtype, device=y.device)
     dz = torch.empty(total, d, dtype=z.dtype, device=z.device)
@@ -164,11 +166,8 @@ def _gather_causal_conv1d_silu(X, INDEX, W, BIAS, OUT, stride_x, length, width, 
 
 
 # The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
-# Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike. The backward takes the same.
+# Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike.
 BLOCK_L, BLOCK_D, WARPS = 32, 128, 4
-# The backwards sum dweight over per-program partial sums; each program takes several blocks of steps (conv) or
-# tokens (norm) while there are at least about this many programs (times the column blocks, for the conv).
-CONV_BACKWARD_PROGRAMS, NORM_BACKWARD_PROGRAMS = 64, 1024
 
 
 def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -191,89 +190,3 @@ def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: to
             x, to_scan.contiguous(), weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous(), out, x.stride(1),
             m, w, channels, S=S, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
     return out
-
-
-@triton.jit
-def _gather_causal_conv1d_silu_backward(GRAD, X, INDEX, ROWS, W, BIAS, DX, PARTIAL, stride_x, length, width, channels,
-                                        per_program, S: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr,
-                                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    batch = tl.program_id(2).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_row, conv = cols < width, cols < channels
-    bias = tl.load(BIAS + cols, mask=conv, other=0.0).to(tl.float32)
-    taps = tl.arange(0, TAPS)  # rows of this program's partial sums: dweight's K taps, then dbias
-    partial = tl.zeros([TAPS, BLOCK_D], dtype=tl.float32)
-    for i in range(0, per_program):
-        # a block of steps of sequence 0, whose tokens' gradients this program writes (each token appears once)
-        steps = (tl.program_id(0) * per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-        in_block = steps < length
-        token = tl.load(INDEX + steps, mask=in_block, other=0)
-        own = tl.load(X + (batch * length + token)[:, None] * stride_x + cols[None, :],
-                      mask=in_block[:, None] & conv[None, :], other=0.0).to(tl.float32)  # the tokens' rows
-        dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-        for s in tl.static_range(S):
-            index = INDEX + s * length  # the row of each step of sequence s
-            grad = GRAD + (batch * S + s) * length * width
-            position = tl.load(ROWS + token * S + s, mask=in_block, other=0) - s * length  # the token's step in s
-            for j in tl.static_range(K):  # the step j places later, whose tap K - 1 - j the token's row meets
-                later = position + j
-                valid = in_block & (later < length)
-                pre = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32) + bias[None, :]  # the conv there, recomputed
-                for k in tl.static_range(K):
-                    back = later - (K - 1 - k)
-                    tapped = valid & (back >= 0)
-                    # clamped, not masked: Triton 3.6 fails to lay out a mask used by this load and the next alike
-                    row = tl.load(index + tl.minimum(tl.maximum(back, 0), length - 1))
-                    x = tl.load(X + (batch * length + row)[:, None] * stride_x + cols[None, :],
-                                mask=tapped[:, None] & conv[None, :], other=0.0)
-                    pre += x.to(tl.float32) * tl.load(W + cols * K + k, mask=conv, other=0.0).to(tl.float32)[None, :]
-                g = tl.load(grad + later[:, None] * width + cols[None, :], mask=valid[:, None] & in_row[None, :],
-                            other=0.0).to(tl.float32)
-                sigmoid = tl.sigmoid(pre)
-                dpre = g * sigmoid * (1 + pre * (1 - sigmoid))  # through the SiLU
-                w = tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)
-                if j == 0:  # the token's own step: the other columns pass through, and dbias
-                    dx += tl.where(conv[None, :], dpre * w[None, :], g)
-                    partial += tl.where(taps[:, None] == K, tl.sum(dpre, axis=0)[None, :], 0.0)
-                else:
-                    dx += dpre * w[None, :]
-                # dweight's tap K - 1 - j: each step's pre-activation gradient times the row that tap met there
-                partial += tl.where(taps[:, None] == K - 1 - j, tl.sum(dpre * own, axis=0)[None, :], 0.0)
-        tl.store(DX + (batch * length + token)[:, None] * width + cols[None, :], dx,
-                 mask=in_block[:, None] & in_row[None, :])
-    tl.store(PARTIAL + ((batch * tl.num_programs(0) + tl.program_id(0)) * TAPS + taps[:, None]) * channels
-             + cols[None, :], partial, mask=(taps[:, None] <= K) & conv[None, :])
-
-
-def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: torch.Tensor,
-                                       to_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
-                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of ``gather_causal_conv1d_silu`` for ``grad`` (b * S, m, w) contiguous: (dx (b, m, w)
-    contiguous in x.dtype, each row's the sum over its S sequence steps; dweight (channels, k) and dbias in their
-    dtypes). to_rows (m, S): the position of each row among the S * m sequence steps (``to_scan``'s inverse).
-
-    One program per block of steps of the first sequence and block of columns writes the gradients of those steps'
-    rows: for each sequence it reads the K steps that each row's taps meet where they lie, recomputing the conv
-    there, so nothing is gathered or written in scan order; dweight and dbias are summed over the programs' partial
-    sums (no atomic adds: deterministic).
-    """
-    b, m, w = x.shape
-    S, k = to_scan.numel() // m, weight.shape[1]
-    if (S * m != to_scan.numel() or to_rows.shape != (m, S) or grad.shape != (b * S, m, w) or not grad.is_contiguous()
-            or x.stride(2) != 1 or x.stride(0) != m * x.stride(1) or weight.shape[0] != channels):
-        raise ValueError(f"gather_causal_conv1d_silu_backward: grad {tuple(grad.shape)}, x {tuple(x.shape)} (strides "
-                         f"{x.stride()}), to_scan {tuple(to_scan.shape)}, to_rows {tuple(to_rows.shape)}, weight "
-                         f"{tuple(weight.shape)} do not fit")
-    blocks = triton.cdiv(m, BLOCK_L)
-    per_program = max(1, min(8, blocks * b // CONV_BACKWARD_PROGRAMS))  # fewer partial sums, the GPU still filled
-    programs = triton.cdiv(blocks, per_program)
-    taps = triton.next_power_of_2(k + 1)
-    dx = torch.empty(b, m, w, dtype=x.dtype, device=x.device)
-    partial = torch.empty(b, programs, taps, channels, dtype=torch.float32, device=x.device)
-    with _device(x):
-        _gather_causal_conv1d_silu_backward[(programs, triton.cdiv(w, BLOCK_D), b)](
-            grad, x, to_scan.contiguous(), to_rows.contiguous(), weight.to(x.dtype).contiguous(),
-            bias.to(x.dtype).contiguous(), dx, partial, x.stride(1), m, w, channels, per_program, S=S, K=k, TAPS=taps,
-            BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
-    sums = partial[:, :, : k + 1].sum((0, 1))  # (k + 1, channels)
-    return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
