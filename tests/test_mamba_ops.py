@@ -182,6 +182,35 @@ def check_triton_kernels():
             torch.testing.assert_close(a, b, msg=f"{name}, at most {programs} programs")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scan2d_triton_kernels_compile_for_hopper(dtype):
+    """Each Triton kernel of ``Scan2D`` compiles to an sm_90 binary (H100/H200) with this machine's Triton and no GPU,
+    its arguments specialised as a t2md run specialises them (pointers and sizes divisible by 16), at t2md's widths.
+    The interpreter test runs the kernels' arithmetic but not the compiler, which can refuse what the interpreter
+    accepts (a kernel once failed on the GPU machine's Triton 3.6 in a layout pass)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lit_dimba.models import scan2d_kernels
+
+    settings = {  # kernel: (constexprs, warps)
+        scan2d_kernels._gather_causal_conv1d_silu: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L,
+                                                         BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
+        scan2d_kernels._gated_rms_norm_rows: (dict(S=2, GROUP=2304, BLOCK=4096), 8),
+        scan2d_kernels._gated_rms_norm_rows_backward: (dict(S=2, GROUP=2304, BLOCK=4096), 8),
+    }
+    for kernel, (constexprs, warps) in settings.items():
+        signature = {name: "constexpr" if name in constexprs else "fp32" if name == "eps" else
+                     "*i64" if name in ("ROWS", "INDEX") else f"*{dtype}" if name.isupper() else "i32"
+                     for name in kernel.arg_names}
+        divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                     if name not in constexprs and name not in ("eps", "per_program")}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=divisible)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert compiled.asm["cubin"], kernel.__name__
+
+
 def test_scan2d_triton_kernels_in_the_interpreter():
     """The CUDA kernels, run by Triton's interpreter on the CPU (in a process of its own: the variable must be set
     before triton's own jit functions are built). The conv: two batch elements' strided rows along a bidirectional
