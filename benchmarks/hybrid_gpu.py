@@ -1,6 +1,6 @@
 """GPU checks and timings of the hybrid backbone (issue "Fast hybrid on the GPU"); prints short tables.
 
-Parts (``--parts``, default all; they run in the order given):
+Parts (``--parts``, default all but ``train_profile``; they run in the order given):
   check    correctness first (``--checks`` picks sections): the lean ``Scan2D`` on the CUDA kernels (our Triton
            conv and gated norm, forwards and backwards; mamba-ssm's scan) vs on PyTorch's, fp32 and bf16, outputs and
            gradients; the Mamba-2 kernel paths (our PyTorch SSD vs the custom op on mamba-ssm's Triton kernels,
