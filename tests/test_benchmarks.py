@@ -28,11 +28,15 @@ def run_script(monkeypatch, name: str, *args: str) -> None:
 
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
-    run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "latency", "train", "distill",
-               "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64", "128x64", "--modes", "eager", "--iters",
-               "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--results",
-               str(results))
+    run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
+               "distill", "--checks", "scan2d", "mlp", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
+               "128x64", "--modes", "eager", "--iters", "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup",
+               "1", "--steps", "1", "--results", str(results))
     rows = json.loads(results.read_text())
+    # --checks: the Scan2D rows (fp32, bf16) and the MLP's, nothing of the other sections
+    checks = [r["comparison"] for r in rows["check"]]
+    assert len(checks) == 3 and checks[0].startswith("Scan2D") and checks[1].startswith("Scan2D")
+    assert checks[2].startswith("Mlp") and all(r.get("verdict", "ok") == "ok" for r in rows["check"])
     latency = {(r["preset"], r["size"]): r for r in rows["latency"]}
     assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
