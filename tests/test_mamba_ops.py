@@ -167,19 +167,20 @@ def check_triton_kernels():
     got = gather_causal_conv1d_silu(x, to_scan, conv_weight, conv_bias, 130)
     torch.testing.assert_close(got, expected_conv(x, to_scan, conv_weight, conv_bias))
 
-    y, rows, z, weight = norm_inputs(torch.float32, d=12)
-    group = 6
-    y.requires_grad_(), z.requires_grad_(), weight.requires_grad_()
-    expected = expected_norm(y, rows, z, weight, group)
-    torch.testing.assert_close(gated_rms_norm_rows(y.detach(), rows, z.detach(), weight.detach(), group, 1e-5),
-                               expected.detach())
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, (y, z, weight), grad)
-    for programs in (1024, 3):  # 10 tokens: one per program; 4 per program, the third program with 2
-        scan2d_kernels.NORM_BACKWARD_PROGRAMS = programs
-        got = gated_rms_norm_rows_backward(grad, y.detach(), rows, z.detach(), weight.detach(), group, 1e-5)
-        for name, a, b in zip(("dy", "dz", "dweight"), got, expected_grads):
-            torch.testing.assert_close(a, b, msg=f"{name}, at most {programs} programs")
+    for S in (2, 1):  # Scan2D's two outputs per token; Mamba2's one
+        y, rows, z, weight = norm_inputs(torch.float32, S=S, d=12)
+        group = 6
+        y.requires_grad_(), z.requires_grad_(), weight.requires_grad_()
+        expected = expected_norm(y, rows, z, weight, group)
+        torch.testing.assert_close(gated_rms_norm_rows(y.detach(), rows, z.detach(), weight.detach(), group, 1e-5),
+                                   expected.detach())
+        grad = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, (y, z, weight), grad)
+        for programs in (1024, 3):  # 10 tokens: one per program; 4 per program, the third program with 2
+            scan2d_kernels.NORM_BACKWARD_PROGRAMS = programs
+            got = gated_rms_norm_rows_backward(grad, y.detach(), rows, z.detach(), weight.detach(), group, 1e-5)
+            for name, a, b in zip(("dy", "dz", "dweight"), got, expected_grads):
+                torch.testing.assert_close(a, b, msg=f"{name}, S={S}, at most {programs} programs")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -125,6 +125,9 @@ def gated_rms_norm_rows_backward(grad: torch.Tensor, y: torch.Tensor, rows: torc
     _check_norm_inputs(y, rows, z, "gated_rms_norm_rows_backward")
     b, m, d = y.shape
     n, S = rows.shape
+    if grad.shape != (b * n, S, d) or not grad.is_contiguous():
+        raise ValueError(f"gated_rms_norm_rows_backward: grad {tuple(grad.shape)} (strides {grad.stride()}) is not a "
+                         f"contiguous ({b * n}, {S}, {d})")
     total = b * n
     per_program = triton.cdiv(total, min(total, NORM_BACKWARD_PROGRAMS))  # tokens per program
     programs = triton.cdiv(total, per_program)
