@@ -48,6 +48,7 @@ import traceback
 
 import lightning as L
 import torch
+import yaml
 import torch._dynamo
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
@@ -392,10 +393,11 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-5, fused=torch.cuda.is_available())
 
 
-def diffusion_module(preset: str, tiny: bool, **backbone_overrides):
-    """A DiffusionModule with backbone ``preset`` and the stand-in encoders."""
+def diffusion_module(preset: str, tiny: bool, compile="auto", **backbone_overrides):
+    """A DiffusionModule with backbone ``preset``, the stand-in encoders and the ``compile`` setting (used by
+    ``Trainer.fit``)."""
     backbone = build(preset, tiny, **backbone_overrides)
-    return DiffusionModule(backbone, *stand_ins(backbone, tiny), optimizer=adamw)
+    return DiffusionModule(backbone, *stand_ins(backbone, tiny), optimizer=adamw, compile=compile)
 
 
 def sample(args) -> str:
@@ -527,6 +529,7 @@ def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str
     result = json.load(open(output))
     result["tflops"] = flops * result["images_per_sec"] / batch / 1e12
     result["mfu"] = result["tflops"] / PEAK_TFLOPS
+    result["compile"] = module.compile_setting
     return result
 
 
@@ -540,7 +543,7 @@ def train(args) -> str:
                 resolution = 64
 
             def run():
-                module = diffusion_module(preset, args.tiny, gradient_checkpointing=resolution >= 2048)
+                module = diffusion_module(preset, args.tiny, args.compile, gradient_checkpointing=resolution >= 2048)
                 return fit_speed(module, f"{preset}-{resolution}", resolution, batch, args, folder)
 
             result = guarded("train", setting, run)
@@ -606,7 +609,7 @@ def train_profile(args) -> str:
             profiler = ProfileSteps(args.warmup, steps)
 
             def run():
-                module = diffusion_module(preset, args.tiny, gradient_checkpointing=resolution >= 2048)
+                module = diffusion_module(preset, args.tiny, args.compile, gradient_checkpointing=resolution >= 2048)
                 return fit_speed(module, f"profile-{preset}-{resolution}", resolution, batch, args, folder,
                                  callbacks=[profiler])
 
@@ -650,7 +653,8 @@ def distill(args) -> str:
                 def run():
                     student = build("t2md", args.tiny, gradient_checkpointing=resolution >= 2048)
                     module = DistillModule(student, build("dit-xl/2", args.tiny), teacher_path,
-                                           *stand_ins(student, args.tiny), stage=stage, optimizer=adamw)
+                                           *stand_ins(student, args.tiny), stage=stage, optimizer=adamw,
+                                           compile=args.compile)
                     result = fit_speed(module, f"{stage}-{resolution}", resolution, batch, args, folder)
                     result["trained_m"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad) / 1e6
                     return result
@@ -689,6 +693,9 @@ def main():
                                                        "t2md:2048x2"], help="PRESET:RESOLUTIONxBATCH")
     parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16"],
                         help="PRESET:RESOLUTIONxBATCH, profiled (train_profile part; CUDA only)")
+    parser.add_argument("--compile", type=yaml.safe_load, default="auto",
+                        help="the LightningModules' compile setting in train, train_profile and distill: auto, true, "
+                             "false or a dict of torch.compile options, e.g. '{mode: max-autotune-no-cudagraphs}'")
     parser.add_argument("--distill", nargs="+", default=["512x16"], help="RESOLUTIONxBATCH")
     parser.add_argument("--iters", type=int, default=15, help="timed calls per latency measurement")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps (compilation happens here)")

@@ -31,7 +31,7 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
                "distill", "--checks", "scan2d", "mlp", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
                "128x64", "--modes", "eager", "--iters", "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup",
-               "1", "--steps", "1", "--results", str(results))
+               "1", "--steps", "1", "--compile", "false", "--results", str(results))
     rows = json.loads(results.read_text())
     # --checks: the Scan2D rows (fp32, bf16) and the MLP's, nothing of the other sections
     checks = [r["comparison"] for r in rows["check"]]
@@ -44,6 +44,7 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     (train,) = rows["train"]
     assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
     assert train["tflops"] > 0  # FLOPs were counted
+    assert train["compile"] is False  # --compile reached the module (YAML: false)
     stages = {r["stage"]: r for r in rows["distill"]}
     assert set(stages) == {"forcing", "kd"} and all(r["images_per_sec"] > 0 for r in stages.values())
     # forcing trains the Mamba mixers only; kd trains every token mixer (attention too)
