@@ -96,6 +96,13 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _norm_tile(group_size: int) -> dict:
+    """The norm kernels' launch options: one group of channels per program, padded to a power of 2, and warps to
+    match."""
+    block = triton.next_power_of_2(group_size)
+    return {"BLOCK": block, "num_warps": min(max(block // 256, 1), 8)}
+
+
 def gated_rms_norm_rows(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
                         eps: float) -> torch.Tensor:
     """rmsnorm(y[b, rows[t, s]] * silu(z[b * n + t])) * weight for every batch element b, token t and order s.
@@ -107,11 +114,10 @@ def gated_rms_norm_rows(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, we
     b, m, d = y.shape
     n, S = rows.shape
     out = torch.empty(b * n, S, d, dtype=y.dtype, device=y.device)
-    block = triton.next_power_of_2(group_size)
     with _device(y):
         _gated_rms_norm_rows[(b * n, d // group_size)](
             y, rows.contiguous(), z, weight.contiguous(), out, y.stride(1), z.stride(0), n, eps, S=S,
-            GROUP=group_size, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+            GROUP=group_size, **_norm_tile(group_size))
     return out
 
 
@@ -134,11 +140,10 @@ def gated_rms_norm_rows_backward(grad: torch.Tensor, y: torch.Tensor, rows: torc
     dy = torch.empty(b, m, d, dtype=y.dtype, device=y.device)
     dz = torch.empty(total, d, dtype=z.dtype, device=z.device)
     dweight = torch.empty(programs, d, dtype=torch.float32, device=y.device)
-    block = triton.next_power_of_2(group_size)
     with _device(y):
         _gated_rms_norm_rows_backward[(programs, d // group_size)](
             grad, y, rows.contiguous(), z, weight.contiguous(), dy, dz, dweight, y.stride(1), z.stride(0), n, total,
-            per_program, eps, S=S, GROUP=group_size, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+            per_program, eps, S=S, GROUP=group_size, **_norm_tile(group_size))
     return dy, dz, dweight.sum(0).to(weight.dtype)
 
 
