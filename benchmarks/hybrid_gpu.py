@@ -455,15 +455,23 @@ def profile_one(args, size: tuple[int, int]) -> str:
         with torch.profiler.profile(activities=activities) as prof:
             model(*inputs)
             sync(device)
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and (device != "cuda" or e.device_type.name == "CUDA")]
-    total = sum(getattr(e, key) for e in events)
-    events.sort(key=lambda e: -getattr(e, key))
-    rows = [[e.key[:90], e.count, f"{getattr(e, key) / 1000:.2f}", f"{100 * getattr(e, key) / total:.1f}%"]
-            for e in events[:20]]
-    record("profile", {"size": f"{size[1]}x{size[0]}", "total_ms": total / 1000, "top": [r[:3] for r in rows]})
-    return f"t2md forward at {size[1]}x{size[0]}, compiled, one call: {total / 1000:.1f} ms of kernels\n" + table(
+    kernels = kernel_times(prof, device)
+    total = sum(ms for _, _, ms in kernels)
+    rows = [[name[:90], calls, f"{ms:.2f}", f"{100 * ms / total:.1f}%"] for name, calls, ms in kernels[:20]]
+    record("profile", {"size": f"{size[1]}x{size[0]}", "total_ms": total, "top": [r[:3] for r in rows]})
+    return f"t2md forward at {size[1]}x{size[0]}, compiled, one call: {total:.1f} ms of kernels\n" + table(
         ["kernel", "calls", "ms", "share"], rows)
+
+
+def kernel_times(prof, device: str, calls: int = 1) -> list[tuple[str, int, float]]:
+    """(name, launches per call, ms per call) of each kernel of a torch.profiler run over ``calls`` calls, longest
+    first: the GPU kernels on CUDA, not the user ranges around them (Lightning runs forward and backward inside
+    ``Optimizer.step``); the CPU ops elsewhere."""
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ranges = ("Optimizer.", "ProfilerStep")
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not e.key.startswith(ranges)
+              and (device != "cuda" or e.device_type.name == "CUDA")]
+    return sorted(((e.key, e.count // calls, getattr(e, key) / 1000 / calls) for e in events), key=lambda k: -k[2])
 
 
 # --------------------------------------------------------------------------------------------------------- train
@@ -585,14 +593,14 @@ class ProfileSteps(L.Callback):
             torch.cuda.synchronize()
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
+            self.profiler.start()
             self.wall = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.start + self.count - 1:
             torch.cuda.synchronize()
             self.wall = time.perf_counter() - self.wall
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
 
 
 def train_profile(args) -> str:
@@ -615,23 +623,19 @@ def train_profile(args) -> str:
 
             if guarded("train_profile", setting, run) is None or profiler.profiler is None:
                 continue
-            # kernels only: not the user ranges (Lightning runs forward and backward inside ``Optimizer.step``)
-            events = [e for e in profiler.profiler.key_averages() if e.device_type.name == "CUDA"
-                      and e.self_device_time_total > 0 and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
-            total = sum(e.self_device_time_total for e in events) / 1000 / steps  # ms per step
+            kernels = kernel_times(profiler.profiler, "cuda", steps)  # per step
+            total = sum(ms for _, _, ms in kernels)
             families: dict[str, float] = {}
-            for e in events:
-                name = e.key.lower()
-                family = next((f for f, patterns in KERNEL_FAMILIES if any(p in name for p in patterns)), "other")
-                families[family] = families.get(family, 0.0) + e.self_device_time_total / 1000 / steps
+            for name, _, ms in kernels:
+                family = next((f for f, patterns in KERNEL_FAMILIES if any(p in name.lower() for p in patterns)),
+                              "other")
+                families[family] = families.get(family, 0.0) + ms
             wall = 1000 * profiler.wall / steps
             record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
-                                     "top": [[e.key[:120], e.count // steps, e.self_device_time_total / 1000 / steps]
-                                             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]})
+                                     "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
             rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
                     for f, ms in sorted(families.items(), key=lambda item: -item[1])]
-            top = [[e.key[:100], e.count // steps, f"{e.self_device_time_total / 1000 / steps:.2f}"]
-                   for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
+            top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in kernels[:25]]
             out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels\n"
                        + table(["family", "ms per step", "share"], rows) + "\n\n"
                        + table(["kernel", "calls", "ms"], top))
