@@ -199,7 +199,8 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
     settings = {  # kernel: (constexprs, warps)
         scan2d_kernels._gather_causal_conv1d_silu: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L,
                                                          BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
-        scan2d_kernels._gated_rms_norm_rows: (dict(S=2, GROUP=2304, BLOCK=norm["BLOCK"]), norm["num_warps"]),
+        scan2d_kernels._gated_rms_norm_rows: (dict(S=2, S_BLOCK=2, GROUP=2304, BLOCK=norm["BLOCK"]),
+                                              scan2d_kernels.NORM_FORWARD_WARPS),
         scan2d_kernels._gated_rms_norm_rows_backward: (dict(S=2, GROUP=2304, BLOCK=norm["BLOCK"]), norm["num_warps"]),
     }
     for kernel, (constexprs, warps) in settings.items():

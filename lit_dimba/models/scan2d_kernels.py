@@ -24,22 +24,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, stride_y, stride_z, tokens, eps, S: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _gated_rms_norm_rows(Y, ROWS, Z, W, OUT, stride_y, stride_z, tokens, eps, S: tl.constexpr, S_BLOCK: tl.constexpr,
+                         GROUP: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)  # b * tokens + t: the gate's row, and the output's rows token * S + s
     group = tl.program_id(1)
     ngroups = tl.num_programs(1)
     cols = group * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
-    z = tl.load(Z + token * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = z * tl.sigmoid(z)  # read once for the token's S outputs
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.arange(0, S_BLOCK)  # the token's S outputs as one (S_BLOCK, BLOCK) tile: all loads issued at once
+    both = (s < S)[:, None] & mask[None, :]
     first = (token // tokens) * (tokens * S)  # batch element b's first row of Y
-    for s in tl.static_range(S):
-        source = first + tl.load(ROWS + (token % tokens) * S + s)
-        u = tl.load(Y + source * stride_y + cols, mask=mask, other=0.0).to(tl.float32) * gate
-        rstd = 1 / tl.sqrt(tl.sum(u * u, axis=0) / GROUP + eps)
-        tl.store(OUT + (token * S + s) * (GROUP * ngroups) + cols, u * rstd * w, mask=mask)
+    source = first + tl.load(ROWS + (token % tokens) * S + s, mask=s < S, other=0)
+    y = tl.load(Y + source[:, None] * stride_y + cols[None, :], mask=both, other=0.0).to(tl.float32)
+    z = tl.load(Z + token * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    u = y * (z * tl.sigmoid(z))[None, :]  # the gate read once for the token's S outputs
+    rstd = 1 / tl.sqrt(tl.sum(u * u, axis=1) / GROUP + eps)
+    tl.store(OUT + (token * S + s)[:, None] * (GROUP * ngroups) + cols[None, :], u * rstd[:, None] * w[None, :],
+             mask=both)
+
+
+# The norm forward's warps: 4 beat 8 and 16 for t2md's tile of 2 x 2304 (padded to 4096) channels on an H200 (and
+# this one-tile form beat a loop over the S outputs by 20 to 25%).
+NORM_FORWARD_WARPS = 4
 
 
 # The norm's backward sums dweight over per-program partial sums; each program takes several tokens while there are
@@ -97,7 +104,7 @@ def _device(t: torch.Tensor):
 
 
 def _norm_tile(group_size: int) -> dict:
-    """The norm kernels' launch options: one group of channels per program, padded to a power of 2, and warps to
+    """The norm backward's launch options: one group of channels per program, padded to a power of 2, and warps to
     match."""
     block = triton.next_power_of_2(group_size)
     return {"BLOCK": block, "num_warps": min(max(block // 256, 1), 8)}
@@ -117,7 +124,8 @@ def gated_rms_norm_rows(y: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, we
     with _device(y):
         _gated_rms_norm_rows[(b * n, d // group_size)](
             y, rows.contiguous(), z, weight.contiguous(), out, y.stride(1), z.stride(0), n, eps, S=S,
-            GROUP=group_size, **_norm_tile(group_size))
+            S_BLOCK=triton.next_power_of_2(S), GROUP=group_size, BLOCK=triton.next_power_of_2(group_size),
+            num_warps=NORM_FORWARD_WARPS)
     return out
 
 
