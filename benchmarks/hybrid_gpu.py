@@ -284,7 +284,8 @@ def check_mlp(device: str, d_model: int, length: int) -> list:
 
 
 def check_compiled(args) -> list:
-    """Compiled vs eager backbones, bf16 weights, 512^2 and 1024x512 (a non-square grid)."""
+    """Compiled backbones as sampling runs them (``Backbone.frozen``) vs eager ones, bf16 weights, 512^2 and 1024x512
+    (a non-square grid)."""
     device, tiny, rows = args.device, args.tiny, []
     for preset in args.presets:
         torch.manual_seed(0)
@@ -297,7 +298,9 @@ def check_compiled(args) -> list:
         for size in ((64, 64), (64, 32)) if tiny else ((512, 512), (512, 1024)):
             inputs = latent_inputs(model, 2, size, device, torch.bfloat16)
             with torch.no_grad():
-                err = rel_err(compiled_model(*inputs).float(), model(*inputs).float())
+                eager = model(*inputs).float()
+            with compiled_model.frozen():  # as sampling runs it
+                err = rel_err(compiled_model(*inputs).float(), eager)
             # bf16 rounding over 28 residual blocks: the DiT, with no Mamba op, differs as much (README)
             row = [f"{preset} compiled vs eager, bf16, {size[1]}x{size[0]}", f"{err:.2e}", "-", "3e-2",
                    "ok" if err <= 3e-2 else "FAIL"]
@@ -343,7 +346,7 @@ def latency(args) -> str:
                 inputs = latent_inputs(model, 1, size, device, torch.bfloat16)
 
                 def measure():
-                    with torch.no_grad():
+                    with model.frozen():  # as sampling runs it: derived weights once, not per step
                         step = graphed(model, inputs, device) if mode == "best" else (lambda: model(*inputs))
                         iters = args.iters if mode == "best" else max(3, args.iters // 2)
                         return median_ms(step, device, iters)
@@ -445,7 +448,7 @@ def profile_one(args, size: tuple[int, int]) -> str:
     model = build("t2md", tiny).to(device, torch.bfloat16).eval()
     model.compile_blocks(dynamic=True)
     inputs = latent_inputs(model, 1, size, device, torch.bfloat16)
-    with torch.no_grad():
+    with model.frozen():
         for _ in range(3):
             model(*inputs)
         sync(device)

@@ -10,7 +10,7 @@ from lit_dimba.errors import ConfigError
 from lit_dimba.models.backbone import Backbone, BiMambaBlock, Block, MambaConfig, MambaLayer, expand_layout, \
     mamba_positions
 from lit_dimba.models.embeddings import sincos_2d
-from lit_dimba.models.mamba import Mamba2
+from lit_dimba.models.mamba import Mamba2, Scan2D
 from lit_dimba.models.mamba1 import BiMamba
 from tests.conftest import BACKBONES, tiny_backbone
 
@@ -283,3 +283,24 @@ def test_released_dimba_in_bf16_autocast():
     out.float().square().mean().backward()
     assert ((out.float() - reference).norm() / reference.norm()).item() < 5e-2
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_frozen_backbone_samples_as_before_and_thaws():
+    """``Backbone.frozen`` (sampling): no gradients inside, every Scan2D frozen in the GEMMs' dtype (autocast's when
+    on), the same output as the plain forward, and training as before afterwards."""
+    torch.manual_seed(0)
+    model = tiny_backbone("t2md").eval()
+    scans = [m for m in model.modules() if isinstance(m, Scan2D)]
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
+    y, mask = torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        expected = model(x, t, y, mask)
+    with model.frozen():
+        assert not torch.is_grad_enabled() and scans and all(scan.frozen for scan in scans)
+        torch.testing.assert_close(model(x, t, y, mask), expected, rtol=1e-5, atol=1e-6)
+    assert torch.is_grad_enabled() and not any(scan.frozen for scan in scans)
+    with torch.autocast("cpu", torch.bfloat16), model.frozen():
+        assert scans[0]._in_weight.dtype == torch.bfloat16
+    model.train()
+    model(x, t, y, mask).square().mean().backward()
+    assert all(scan.mamba.in_proj.weight.grad is not None and scan.fuse.weight.grad is not None for scan in scans)

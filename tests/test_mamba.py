@@ -258,3 +258,25 @@ def test_scan2d_equals_its_definition(order, bidirectional, batch):
              for f in (Scan2D.__call__, scan2d_by_definition)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("batch", [2, 3])  # 30 tokens: out_proj then fuse unless frozen; 45: folded either way
+def test_scan2d_frozen_equals_unfrozen_and_refreshes_in_place(batch):
+    """``freeze`` derives the padded in_proj weight and the folded projection once; the frozen forward equals the
+    plain one, and a later ``freeze`` takes changed parameters into the same tensors (what a CUDA graph reads)."""
+    torch.manual_seed(0)
+    scan = Scan2D(16, "h", kernel="torch", **SMALL).double()
+    x = torch.randn(batch, 15, 16, dtype=torch.float64)
+    expected = scan(x, (3, 5))
+    scan.freeze(torch.float64)
+    torch.testing.assert_close(scan(x, (3, 5)), expected, rtol=1e-10, atol=1e-12)
+    kept = scan._in_weight.data_ptr(), scan._folded.data_ptr()
+    scan.frozen = False
+    with torch.no_grad():
+        for param in scan.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    changed = scan(x, (3, 5))
+    assert not torch.allclose(changed, expected)
+    scan.freeze(torch.float64)
+    torch.testing.assert_close(scan(x, (3, 5)), changed, rtol=1e-10, atol=1e-12)
+    assert (scan._in_weight.data_ptr(), scan._folded.data_ptr()) == kept

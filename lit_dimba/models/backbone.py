@@ -18,6 +18,7 @@ outside the mixers, so copying weights between them is by name; names and tensor
 that its checkpoints load by (renamed) key.
 """
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -458,6 +459,25 @@ class Backbone(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for module in (*self.blocks, self.final_layer):
             module.compile(**options)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Sampling's context: no gradients, and every ``Scan2D`` derives its weights from its parameters once, on
+        entry, rather than on every call (``Scan2D.freeze``: in_proj's padded weight, out_proj folded into fuse), in
+        the dtype its GEMMs will run in (autocast's if on, else the parameters'). The parameters must not change
+        inside. Not for a backbone sharded by FSDP, whose parameters are gathered only in forward."""
+        device = self.x_embedder.proj.weight.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else self.x_embedder.proj.weight.dtype)
+        scans = [module for module in self.modules() if isinstance(module, Scan2D)]
+        with torch.no_grad():
+            for scan in scans:
+                scan.freeze(dtype)
+            try:
+                yield self
+            finally:
+                for scan in scans:
+                    scan.frozen = False
 
     @property
     def config(self) -> dict:

@@ -162,12 +162,17 @@ class Mamba2(nn.Module):
             )
         return available
 
-    def in_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def padded_in_weight(self) -> torch.Tensor:
+        """in_proj's weight with zero rows appended up to a multiple of ``GEMM_MULTIPLE``: (padded width, d_model)."""
+        weight = self.in_proj.weight
+        return F.pad(weight, (0, 0, 0, -weight.shape[0] % GEMM_MULTIPLE))
+
+    def in_projection(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, l, d_model) -> the gate z (b, l, d_inner) and xBCdt (b, l, conv_dim + nheads + pad), views of one
         GEMM whose output width is padded to a multiple of ``GEMM_MULTIPLE`` (the pad columns are zero and
-        unused; they keep every row aligned, for the GEMM and for causal-conv1d's channel-last reads)."""
-        weight = self.in_proj.weight
-        zxbcdt = F.linear(x, F.pad(weight, (0, 0, 0, -weight.shape[0] % GEMM_MULTIPLE)))
+        unused; they keep every row aligned, for the GEMM and for causal-conv1d's channel-last reads). ``weight``:
+        ``padded_in_weight()`` computed beforehand (``Scan2D.freeze``); by default computed here."""
+        zxbcdt = F.linear(x, self.padded_in_weight() if weight is None else weight)
         return zxbcdt[..., : self.d_inner], zxbcdt[..., self.d_inner:]
 
     def convolve(self, xBCdt: torch.Tensor, to_scan: torch.Tensor | None = None,
@@ -248,7 +253,10 @@ class Scan2D(nn.Module):
     without a gathered copy); the scan runs on those; the gated norm reads each token's S outputs where the scan
     left them (through ``to_rows``), normalises them against the token's one gate z and writes them in row-major
     order; ``out_proj`` and ``fuse`` are folded into one GEMM of width 2 * d_inner when there are more tokens than
-    d_inner (else out_proj then fuse, which costs less then).
+    d_inner or the module is frozen (else out_proj then fuse, which costs less then).
+
+    ``freeze`` (sampling, through ``Backbone.frozen``) computes the weights derived from the parameters (in_proj's
+    padded weight, the folded projection) once rather than on every call.
 
     forward: x (B, N, C), grid (h, w) with h * w = N -> (B, N, C).
     """
@@ -262,6 +270,20 @@ class Scan2D(nn.Module):
         self.mamba = Mamba2(d_model, **mamba_kwargs)
         if bidirectional:
             self.fuse = nn.Linear(2 * d_model, d_model)
+        self.frozen = False
+        self._in_weight: torch.Tensor | None = None  # the derived weights of the last ``freeze`` (kept after it)
+        self._folded: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def freeze(self, dtype: torch.dtype) -> None:
+        """Compute in_proj's padded weight and (bidirectional) the folded projection once, in ``dtype``: ``forward``
+        uses them instead of deriving them on each call until ``frozen`` is set False; the parameters must not change
+        meanwhile. They are kept afterwards and the next ``freeze`` refreshes them in place, so a CUDA graph captured
+        while frozen reads the current weights when it is replayed under a later ``freeze``."""
+        self._in_weight = _refreshed(self._in_weight, self.mamba.padded_in_weight().to(dtype))
+        if self.bidirectional:
+            self._folded = _refreshed(self._folded, self.folded_weight().to(dtype))
+        self.frozen = True
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, _ = x.shape
@@ -269,7 +291,8 @@ class Scan2D(nn.Module):
         if h * w != N:
             raise ValueError(f"grid {h}x{w} has {h * w} tokens but the input has {N}")
         mamba = self.mamba
-        z, xBCdt = mamba.in_projection(x)  # (B, N, d_inner), (B, N, conv_dim + nheads + pad)
+        # (B, N, d_inner), (B, N, conv_dim + nheads + pad)
+        z, xBCdt = mamba.in_projection(x, self._in_weight if self.frozen else None)
         orders = scan_orders(grid, self.order, self.bidirectional, x.device)  # (S, N)
         S = orders.shape[0]
         to_scan, to_rows = scan_gathers(orders)
@@ -282,7 +305,18 @@ class Scan2D(nn.Module):
         weight = self.mamba.out_proj.weight  # (C, d_inner)
         if not self.bidirectional:
             return F.linear(y[:, :, 0], weight)
-        if y.shape[0] * y.shape[1] <= y.shape[-1]:  # few tokens: folding would cost more than it saves
+        if y.shape[0] * y.shape[1] <= y.shape[-1] and not self.frozen:  # few tokens: folding costs more than it saves
             return self.fuse(F.linear(y, weight).flatten(2))
-        folded = torch.cat([part @ weight for part in self.fuse.weight.chunk(2, dim=1)], dim=1)  # (C, 2 * d_inner)
-        return F.linear(y.flatten(2), folded, self.fuse.bias)
+        return F.linear(y.flatten(2), self._folded if self.frozen else self.folded_weight(), self.fuse.bias)
+
+    def folded_weight(self) -> torch.Tensor:
+        """out_proj folded into fuse: (C, 2 * d_inner), [fuse_0 @ out_proj, fuse_1 @ out_proj] (bidirectional)."""
+        return torch.cat([part @ self.mamba.out_proj.weight for part in self.fuse.weight.chunk(2, dim=1)], dim=1)
+
+
+def _refreshed(kept: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into ``kept`` where it fits (same shape, dtype and device), keeping its address; else
+    ``value``."""
+    if kept is not None and (kept.shape, kept.dtype, kept.device) == (value.shape, value.dtype, value.device):
+        return kept.copy_(value)
+    return value

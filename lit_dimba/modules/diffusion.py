@@ -7,6 +7,7 @@ training/validation and ``{"caption", "index", "height", "width"}`` (plus scene 
 prompt-following score) for test/predict.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -380,7 +381,10 @@ class DiffusionModule(L.LightningModule):
                 return self._sampling_graph(guided_step, (x_t, t, y, mask), key=sampling.cfg_scale)
             return guided_step(x_t, t, y, mask)
 
-        latents = self.diffusion.sample(denoise, noise.to(self.device), sampling.sampler, sampling.steps)
+        # the backbone's derived weights computed once for all steps (``Backbone.frozen``), unless FSDP shards it
+        sharded = any(isinstance(module, FullyShardedDataParallel) for module in self.model.modules())
+        with contextlib.nullcontext() if sharded else self.model.frozen():
+            latents = self.diffusion.sample(denoise, noise.to(self.device), sampling.sampler, sampling.steps)
         return self.vae.decode(latents).clamp(-1, 1)
 
     def generate_batch(self, batch: dict) -> torch.Tensor:
