@@ -81,12 +81,12 @@ def test_gather_rows_op():
         gather_rows(x, index).sum().backward()
 
 
-def conv_inputs(dtype=torch.float64, b=2, grid=(3, 4), w=7, channels=5, k=4):
-    """Rows x (b, h * w, w) with strided rows (a slice of a wider in_proj output), the maps of a bidirectional
+def conv_inputs(dtype=torch.float64, b=2, grid=(3, 4), w=7, channels=5, k=4, bidirectional=True):
+    """Rows x (b, h * w, w) with strided rows (a slice of a wider in_proj output), the maps of a (bidirectional)
     height-first scan, and conv weight (channels, k) and bias."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, grid[0] * grid[1], w + 3, generator=gen, dtype=dtype)[..., 3:]
-    to_scan, to_rows = scan_gathers(scan_orders(grid, "h", True, torch.device("cpu")))
+    to_scan, to_rows = scan_gathers(scan_orders(grid, "h", bidirectional, torch.device("cpu")))
     return x, to_scan, to_rows, torch.randn(channels, k, generator=gen, dtype=dtype), torch.randn(channels,
                                                                                                    generator=gen,
                                                                                                    dtype=dtype)
@@ -163,17 +163,19 @@ def check_triton_kernels():
                                                  gather_causal_conv1d_silu, gather_causal_conv1d_silu_backward)
 
     # 5 x 8 = 40 steps: two blocks of 32 steps and, with 140 columns, two of 128 columns.
-    x, to_scan, to_rows, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130)
-    x.requires_grad_(), conv_weight.requires_grad_(), conv_bias.requires_grad_()
-    expected = expected_conv(x, to_scan, conv_weight, conv_bias)
-    got = gather_causal_conv1d_silu(x.detach(), to_scan, conv_weight.detach(), conv_bias.detach(), 130)
-    torch.testing.assert_close(got, expected.detach())
-    grad = torch.randn_like(expected)
-    got = gather_causal_conv1d_silu_backward(grad, x.detach(), to_scan, to_rows, conv_weight.detach(),
-                                             conv_bias.detach(), 130)
-    for name, a, b in zip(("dx", "dweight", "dbias"), got, torch.autograd.grad(expected, (x, conv_weight, conv_bias),
-                                                                                 grad)):
-        torch.testing.assert_close(a, b, msg=name)
+    for bidirectional in (True, False):
+        x, to_scan, to_rows, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130,
+                                                                  bidirectional=bidirectional)
+        x.requires_grad_(), conv_weight.requires_grad_(), conv_bias.requires_grad_()
+        expected = expected_conv(x, to_scan, conv_weight, conv_bias)
+        got = gather_causal_conv1d_silu(x.detach(), to_scan, conv_weight.detach(), conv_bias.detach(), 130)
+        torch.testing.assert_close(got, expected.detach())
+        grad = torch.randn_like(expected)
+        got = gather_causal_conv1d_silu_backward(grad, x.detach(), to_scan, to_rows, conv_weight.detach(),
+                                                 conv_bias.detach(), 130)
+        expected_grads = torch.autograd.grad(expected, (x, conv_weight, conv_bias), grad)
+        for name, a, b in zip(("dx", "dweight", "dbias"), got, expected_grads):
+            torch.testing.assert_close(a, b, msg=f"{name}, bidirectional={bidirectional}")
 
     for S in (2, 1):  # Scan2D's two outputs per token; Mamba2's one
         y, rows, z, weight = norm_inputs(torch.float32, S=S, d=12)
