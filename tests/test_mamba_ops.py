@@ -81,12 +81,12 @@ def test_gather_rows_op():
         gather_rows(x, index).sum().backward()
 
 
-def conv_inputs(dtype=torch.float64, b=2, grid=(3, 4), w=7, channels=5, k=4):
-    """Rows x (b, h * w, w) with strided rows (a slice of a wider in_proj output), the maps of a bidirectional
+def conv_inputs(dtype=torch.float64, b=2, grid=(3, 4), w=7, channels=5, k=4, bidirectional=True):
+    """Rows x (b, h * w, w) with strided rows (a slice of a wider in_proj output), the maps of a (bidirectional)
     height-first scan, and conv weight (channels, k) and bias."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, grid[0] * grid[1], w + 3, generator=gen, dtype=dtype)[..., 3:]
-    to_scan, to_rows = scan_gathers(scan_orders(grid, "h", True, torch.device("cpu")))
+    to_scan, to_rows = scan_gathers(scan_orders(grid, "h", bidirectional, torch.device("cpu")))
     return x, to_scan, to_rows, torch.randn(channels, k, generator=gen, dtype=dtype), torch.randn(channels,
                                                                                                    generator=gen,
                                                                                                    dtype=dtype)
@@ -155,17 +155,27 @@ def test_gated_rms_norm(fused):
 
 def check_triton_kernels():
     """The Triton kernels of ``Scan2D`` on CPU tensors against ``expected_conv`` and ``expected_norm`` and, for the
-    norm's backward, their autograd gradients (run where TRITON_INTERPRET=1 was set before triton was first
+    backwards, their autograd gradients (run where TRITON_INTERPRET=1 was set before triton was first
     imported); the norm's backward once with one token per program, once with several (its dweight partial sums
     carried over a program's tokens, the last program's partly past the end)."""
     from lit_dimba.models import scan2d_kernels
     from lit_dimba.models.scan2d_kernels import (gated_rms_norm_rows, gated_rms_norm_rows_backward,
-                                                 gather_causal_conv1d_silu)
+                                                 gather_causal_conv1d_silu, gather_causal_conv1d_silu_backward)
 
     # 5 x 8 = 40 steps: two blocks of 32 steps and, with 140 columns, two of 128 columns.
-    x, to_scan, _, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130)
-    got = gather_causal_conv1d_silu(x, to_scan, conv_weight, conv_bias, 130)
-    torch.testing.assert_close(got, expected_conv(x, to_scan, conv_weight, conv_bias))
+    for bidirectional in (True, False):
+        x, to_scan, to_rows, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130,
+                                                                  bidirectional=bidirectional)
+        x.requires_grad_(), conv_weight.requires_grad_(), conv_bias.requires_grad_()
+        expected = expected_conv(x, to_scan, conv_weight, conv_bias)
+        got = gather_causal_conv1d_silu(x.detach(), to_scan, conv_weight.detach(), conv_bias.detach(), 130)
+        torch.testing.assert_close(got, expected.detach())
+        grad = torch.randn_like(expected)
+        got = gather_causal_conv1d_silu_backward(grad, x.detach(), to_scan, to_rows, conv_weight.detach(),
+                                                 conv_bias.detach(), 130)
+        expected_grads = torch.autograd.grad(expected, (x, conv_weight, conv_bias), grad)
+        for name, a, b in zip(("dx", "dweight", "dbias"), got, expected_grads):
+            torch.testing.assert_close(a, b, msg=f"{name}, bidirectional={bidirectional}")
 
     for S in (2, 1):  # Scan2D's two outputs per token; Mamba2's one
         y, rows, z, weight = norm_inputs(torch.float32, S=S, d=12)
@@ -199,13 +209,18 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
     settings = {  # kernel: (constexprs, warps)
         scan2d_kernels._gather_causal_conv1d_silu: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L,
                                                          BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
+        scan2d_kernels._conv_silu_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
+                                         scan2d_kernels.WARPS),
+        scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, TAPS=8, BLOCK_L=scan2d_kernels.BLOCK_L,
+                                              BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
         scan2d_kernels._gated_rms_norm_rows: (dict(S=2, S_BLOCK=2, GROUP=2304, BLOCK=norm["BLOCK"]),
                                               scan2d_kernels.NORM_FORWARD_WARPS),
         scan2d_kernels._gated_rms_norm_rows_backward: (dict(S=2, GROUP=2304, BLOCK=norm["BLOCK"]), norm["num_warps"]),
     }
     for kernel, (constexprs, warps) in settings.items():
         signature = {name: "constexpr" if name in constexprs else "fp32" if name == "eps" else
-                     "*i64" if name in ("ROWS", "INDEX") else f"*{dtype}" if name.isupper() else "i32"
+                     "*i64" if name in ("ROWS", "INDEX") else "*fp32" if name == "PARTIAL" else
+                     f"*{dtype}" if name.isupper() else "i32"
                      for name in kernel.arg_names}
         divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                      if name not in constexprs and name not in ("eps", "per_program")}
@@ -217,8 +232,8 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
 def test_scan2d_triton_kernels_in_the_interpreter():
     """The CUDA kernels, run by Triton's interpreter on the CPU (in a process of its own: the variable must be set
     before triton's own jit functions are built). The conv: two batch elements' strided rows along a bidirectional
-    height-first scan, over more than one block of steps and of columns. The norm, forward and backward: the outputs
-    of two batch elements read through the row index against a strided gate."""
+    height-first scan, over more than one block of steps and of columns, forward and backward. The norm, forward and
+    backward: the outputs of two batch elements read through the row index against a strided gate."""
     pytest.importorskip("triton")
     check = "from tests.test_mamba_ops import check_triton_kernels; check_triton_kernels()"
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)

@@ -15,8 +15,8 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
   Triton kernels on CUDA, forward and backward (``scan2d_kernels``: one launch each for every output, no gather),
   ``gated_rms_norm_reference`` elsewhere.
 - ``gather_conv1d_silu``: ``causal_conv1d_silu`` along S sequences of rows put in scan orders, as the custom op
-  ``lit_dimba::gather_conv1d_silu``: our Triton kernel on CUDA (``scan2d_kernels``: each step's row read where it
-  lies, no gathered copy) with causal-conv1d's backward kernel, a gather and the PyTorch form elsewhere.
+  ``lit_dimba::gather_conv1d_silu``: our Triton kernels on CUDA, forward and backward (``scan2d_kernels``: each
+  step's row read where it lies, no gathered copy), a gather and the PyTorch form elsewhere.
 - ``gather_rows``: the gathers that put tokens into scan order and back, as one ATen kernel each.
 - ``selective_scan``: Mamba-1's selective scan (per-channel, per-state decays) with its D skip and z gate:
   mamba-ssm's ``selective_scan_fn`` (the CUDA extension ``selective_scan_cuda``) when it is built, else
@@ -278,16 +278,6 @@ def causal_conv1d_kernel():
     return causal_conv1d_fn
 
 
-@functools.cache
-def causal_conv1d_backward():
-    """causal-conv1d's backward, ``causal_conv1d.cpp_functions.causal_conv1d_bwd_function`` (1.7), or None."""
-    try:
-        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
-    except ImportError:
-        return None
-    return causal_conv1d_bwd_function
-
-
 def _conv_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether causal-conv1d's kernel runs on x (b, l, d) read channel-last: it needs d and the batch and step
     strides to be multiples of 8 and a width of 2 to 4."""
@@ -467,19 +457,16 @@ def gather_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: to
                                 weight: torch.Tensor, bias: torch.Tensor, channels: int
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``gather_conv1d_silu`` for ``grad`` (b * S, m, w): (dx (b, m, w), dweight, dbias) in their inputs'
-    dtypes. The sequences are gathered again; the conv's backward is causal-conv1d's kernel on CUDA where it is
-    installed (weights in x.dtype, as its forward), else the vector-Jacobian product of the PyTorch form; each row's
-    gradient is the sum of its S sequence steps' (a gather, no atomic adds)."""
+    dtypes, each row's gradient the sum over its S sequence steps. CUDA: our Triton kernels (``scan2d_kernels``),
+    which read the rows where they lie and write each row's gradient once; CPU: the sequences gathered again, the
+    vector-Jacobian product of the PyTorch form, and a gather of each row's S gradients (no atomic adds)."""
+    if x.is_cuda:
+        return _require_triton("gather_conv1d_silu_backward").gather_causal_conv1d_silu_backward(
+            grad, x, to_scan, to_rows, weight, bias, channels)
     b, m, w = x.shape
     sequences = x.index_select(1, to_scan).view(-1, m, w)[..., :channels]
-    backward = causal_conv1d_backward() if x.is_cuda else None
-    if backward is not None and _conv_kernel_takes(sequences, weight):
-        dconv, dweight, dbias, _ = backward(sequences.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
-                                            grad[..., :channels].transpose(1, 2), None, None, None, None, False, True)
-        dconv = dconv.transpose(1, 2)
-    else:
-        _, vjp = torch.func.vjp(causal_conv1d_reference, sequences, weight, bias)
-        dconv, dweight, dbias = vjp(grad[..., :channels])
+    _, vjp = torch.func.vjp(causal_conv1d_reference, sequences, weight, bias)
+    dconv, dweight, dbias = vjp(grad[..., :channels])
     dsequences = torch.cat([dconv.to(grad.dtype), grad[..., channels:]], dim=-1).view(b, -1, w)
     dx = dsequences.index_select(1, to_rows.flatten()).view(b, m, -1, w).sum(2)
     return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)

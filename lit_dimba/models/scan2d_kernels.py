@@ -4,16 +4,19 @@
 other orders). Each kernel here reads rows through an index where a gather would otherwise copy them first:
 
 - ``gather_causal_conv1d_silu``: the sequences' causal depthwise conv and SiLU, each step reading its row of
-  ``in_proj``'s output where it lies (and the columns after the conv channels, the raw steps dt, copied beside);
+  ``in_proj``'s output where it lies (and the columns after the conv channels, the raw steps dt, copied beside).
+  Its backward takes two passes: the gradient at the SiLU's input in scan order (the conv recomputed as the forward
+  reads), then, row by row, each row's sum over the K steps of each sequence that its taps meet, with dweight and
+  dbias as per-program partial sums;
 - ``gated_rms_norm_rows``: Mamba-2's gated RMSNorm of every token's S scan outputs, read where the scan left them,
   against the token's one gate z, written in row-major order; one program normalises one token's S outputs in one
   channel group, reading its gate once, in float32 as mamba-ssm's one-pass kernel does. Its backward reads the
   same rows, recomputes the RMS, writes dy where y lies and dz once per token.
 
-The kernels of the custom ops ``lit_dimba::gather_conv1d_silu`` (forward; its backward is causal-conv1d's) and
-``lit_dimba::gated_rms_norm_forward`` (forward and backward) on CUDA (``mamba_ops``, which also holds their PyTorch
-forms). This module imports triton: load it through ``mamba_ops.scan2d_kernels()``, which is None where triton does
-not import. A CPU tensor runs in Triton's interpreter (TRITON_INTERPRET=1, tests).
+The kernels of the custom ops ``lit_dimba::gather_conv1d_silu`` and ``lit_dimba::gated_rms_norm_forward``, forward
+and backward, on CUDA (``mamba_ops``, which also holds their PyTorch forms). This module imports triton: load it
+through ``mamba_ops.scan2d_kernels()``, which is None where triton does not import. A CPU tensor runs in Triton's
+interpreter (TRITON_INTERPRET=1, tests).
 """
 
 import contextlib
@@ -156,12 +159,11 @@ def gated_rms_norm_rows_backward(grad: torch.Tensor, y: torch.Tensor, rows: torc
 
 
 @triton.jit
-def _gather_causal_conv1d_silu(X, INDEX, W, BIAS, OUT, stride_x, length, width, channels, S: tl.constexpr,
-                               K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    sequence = tl.program_id(2).to(tl.int64)  # b * S + s
-    steps = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_sequence, in_row, conv = steps < length, cols < width, cols < channels
+def _conv_along_sequence(X, INDEX, W, BIAS, stride_x, length, sequence, steps, cols, in_row, conv, S: tl.constexpr,
+                         K: tl.constexpr):
+    # The conv's pre-activation at ``steps`` of ``sequence`` (b * S + s) in columns ``cols`` (float32, (steps, cols);
+    # 0 in the columns past ``conv``) and the steps' own rows there, in X's dtype.
+    in_sequence = steps < length
     first = (sequence // S) * length  # batch element b's first row of X
     index = INDEX + (sequence % S) * length  # the row of each step of sequence s
     token = tl.load(index + steps, mask=in_sequence, other=0)
@@ -176,9 +178,73 @@ def _gather_causal_conv1d_silu(X, INDEX, W, BIAS, OUT, stride_x, length, width, 
         earlier = tl.load(X + (first + token)[:, None] * stride_x + cols[None, :], mask=valid[:, None] & conv[None, :],
                           other=0.0)
         acc += earlier.to(tl.float32) * tl.load(W + cols * K + k, mask=conv, other=0.0).to(tl.float32)[None, :]
+    return acc, x
+
+
+@triton.jit
+def _gather_causal_conv1d_silu(X, INDEX, W, BIAS, OUT, stride_x, length, width, channels, S: tl.constexpr,
+                               K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    sequence = tl.program_id(2).to(tl.int64)  # b * S + s
+    steps = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row, conv = cols < width, cols < channels
+    acc, x = _conv_along_sequence(X, INDEX, W, BIAS, stride_x, length, sequence, steps, cols, in_row, conv, S, K)
     out = tl.where(conv[None, :], acc * tl.sigmoid(acc), x.to(tl.float32))
     tl.store(OUT + (sequence * length + steps)[:, None] * width + cols[None, :], out,
-             mask=in_sequence[:, None] & in_row[None, :])
+             mask=(steps < length)[:, None] & in_row[None, :])
+
+
+@triton.jit
+def _conv_silu_grad(GRAD, X, INDEX, W, BIAS, DPRE, stride_x, length, width, channels, S: tl.constexpr,
+                    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The backward's first pass, in scan order as the forward reads: the gradient at the SiLU's input.
+    sequence = tl.program_id(2).to(tl.int64)  # b * S + s
+    steps = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    conv = cols < channels
+    acc, _ = _conv_along_sequence(X, INDEX, W, BIAS, stride_x, length, sequence, steps, cols, conv, conv, S, K)
+    mask = (steps < length)[:, None] & conv[None, :]
+    g = tl.load(GRAD + (sequence * length + steps)[:, None] * width + cols[None, :], mask=mask, other=0.0)
+    sigmoid = tl.sigmoid(acc)
+    tl.store(DPRE + (sequence * length + steps)[:, None] * channels + cols[None, :],
+             g.to(tl.float32) * sigmoid * (1 + acc * (1 - sigmoid)), mask=mask)
+
+
+@triton.jit
+def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length, width, channels, S: tl.constexpr,
+                    K: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The backward's second pass, row by row: each row's gradient, the sum over its S sequences of the SiLU-input
+    # gradients at the K steps its taps meet (and of the passed-through columns' gradients), and this program's share
+    # of dweight and dbias, from the same loads.
+    batch = tl.program_id(2).to(tl.int64)
+    # a block of steps of sequence 0: their rows, each met once, are the rows this program writes
+    steps = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_block, in_row, conv = steps < length, cols < width, cols < channels
+    token = tl.load(INDEX + steps, mask=in_block, other=0)
+    own = tl.load(X + (batch * length + token)[:, None] * stride_x + cols[None, :],
+                  mask=in_block[:, None] & conv[None, :], other=0.0).to(tl.float32)
+    taps = tl.arange(0, TAPS)  # rows of the partial sums: dweight's K taps, then dbias
+    partial = tl.zeros([TAPS, BLOCK_D], dtype=tl.float32)
+    dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(S):
+        sequence = batch * S + s
+        position = tl.load(ROWS + token * S + s, mask=in_block, other=0) - s * length  # the row's step in sequence s
+        passed = tl.load(GRAD + (sequence * length + position)[:, None] * width + cols[None, :],
+                         mask=in_block[:, None] & in_row[None, :] & (cols >= channels)[None, :], other=0.0)
+        dx += passed.to(tl.float32)
+        for j in tl.static_range(K):  # the step j places later, where the row meets tap K - 1 - j
+            later = position + j
+            d = tl.load(DPRE + (sequence * length + later)[:, None] * channels + cols[None, :],
+                        mask=(in_block & (later < length))[:, None] & conv[None, :], other=0.0).to(tl.float32)
+            dx += d * tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)[None, :]
+            partial += tl.where(taps[:, None] == K - 1 - j, tl.sum(d * own, axis=0)[None, :], 0.0)
+            if j == 0:
+                partial += tl.where(taps[:, None] == K, tl.sum(d, axis=0)[None, :], 0.0)
+    tl.store(DX + (batch * length + token)[:, None] * width + cols[None, :], dx,
+             mask=in_block[:, None] & in_row[None, :])
+    tl.store(PARTIAL + ((batch * tl.num_programs(0) + tl.program_id(0)) * (K + 1) + taps[:, None]) * channels
+             + cols[None, :], partial, mask=(taps[:, None] <= K) & conv[None, :])
 
 
 # The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
@@ -206,3 +272,40 @@ def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: to
             x, to_scan.contiguous(), weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous(), out, x.stride(1),
             m, w, channels, S=S, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
     return out
+
+
+def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_scan: torch.Tensor,
+                                       to_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``gather_causal_conv1d_silu`` for ``grad`` (b * S, m, w) contiguous: (dx (b, m, w) contiguous
+    in x.dtype, each row's the sum over its S sequence steps; dweight (channels, k) and dbias in their dtypes).
+    to_rows (m, S): the position of each row among the S * m sequence steps (``to_scan``'s inverse).
+
+    Two passes. The first, in scan order as the forward reads (each step's rows where they lie), recomputes the conv
+    and writes the gradient at the SiLU's input, (b * S, m, channels) in x.dtype. The second, row by row, sums for
+    each row the gradients at the K steps of each sequence that its taps meet (and the passed-through columns'
+    gradients at its own steps), and with the row itself the per-program partial sums of dweight and dbias (no
+    atomic adds: deterministic). No gathered copy of the rows, no gradient in scan order for the other columns.
+    """
+    b, m, w = x.shape
+    S, k = to_scan.numel() // m, weight.shape[1]
+    if (S * m != to_scan.numel() or to_rows.shape != (m, S) or grad.shape != (b * S, m, w) or not grad.is_contiguous()
+            or x.stride(2) != 1 or x.stride(0) != m * x.stride(1) or weight.shape[0] != channels):
+        raise ValueError(f"gather_causal_conv1d_silu_backward: grad {tuple(grad.shape)}, x {tuple(x.shape)} (strides "
+                         f"{x.stride()}), to_scan {tuple(to_scan.shape)}, to_rows {tuple(to_rows.shape)}, weight "
+                         f"{tuple(weight.shape)} do not fit")
+    to_scan = to_scan.contiguous()
+    applied, bias_applied = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()  # as the forward applies them
+    blocks = triton.cdiv(m, BLOCK_L)
+    dpre = torch.empty(b * S, m, channels, dtype=x.dtype, device=x.device)
+    dx = torch.empty(b, m, w, dtype=x.dtype, device=x.device)
+    partial = torch.empty(b, blocks, k + 1, channels, dtype=torch.float32, device=x.device)
+    with _device(x):
+        _conv_silu_grad[(blocks, triton.cdiv(channels, BLOCK_D), b * S)](
+            grad, x, to_scan, applied, bias_applied, dpre, x.stride(1), m, w, channels, S=S, K=k, BLOCK_L=BLOCK_L,
+            BLOCK_D=BLOCK_D, num_warps=WARPS)
+        _conv_rows_grad[(blocks, triton.cdiv(w, BLOCK_D), b)](
+            grad, dpre, x, to_scan, to_rows.contiguous(), applied, dx, partial, x.stride(1), m, w, channels, S=S, K=k,
+            TAPS=triton.next_power_of_2(k + 1), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
+    sums = partial.sum((0, 1))  # (k + 1, channels)
+    return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
