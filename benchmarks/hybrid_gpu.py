@@ -8,9 +8,10 @@ Parts (``--parts``, default all but ``train_profile``; they run in the order giv
            state dict); the MLP's GELU epilogue vs GEMM then GELU; compiled vs eager backbones in bf16; sampling
            with and without CUDA graphs.
   latency  per denoising step (batch 1, one forward, bf16 weights, no CFG doubling) of each ``--presets`` backbone
-           at each ``--sizes`` (pixels, SD-VAE f8 latents, patch 2): eager, and the best setting (blocks
-           compiled, the forward replayed from a CUDA graph); median of ``--iters`` timed calls after warm-up,
-           and the DiT's time over each other backbone's (t2md's against the issue's targets). dimba-l/2, the
+           at each ``--sizes`` (pixels, SD-VAE f8 latents, patch 2), inside ``Backbone.frozen()`` as sampling runs
+           it: eager, and the best setting (blocks compiled, the forward replayed from a CUDA graph); median of
+           ``--iters`` timed calls after warm-up, and the DiT's time over each other backbone's (t2md's against the
+           issue's targets). dimba-l/2, the
            released Dimba, is the DiT's 28 blocks with a bidirectional Mamba-1 block after each (and 300 text
            tokens): its time over the DiT's is what its Mamba blocks cost, with mamba-ssm's selective-scan kernel
            where its CUDA extension is built, else the PyTorch scan (the script says which).
@@ -577,7 +578,8 @@ KERNEL_FAMILIES = [
     ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
     ("SSD scan (mamba-ssm)", ("_chunk", "_state_passing", "_bmm_chunk", "chunk_scan", "chunk_state")),
     ("compiled elementwise (Inductor)", ("triton_",)),
-    ("conv / norm along scan orders", ("causal_conv1d", "_gather_causal", "_gated_rms_norm", "_layer_norm")),
+    ("conv / norm along scan orders", ("causal_conv1d", "_gather_causal", "_conv_silu_grad", "_conv_rows_grad",
+                                       "_gated_rms_norm", "_layer_norm")),
     ("optimizer", ("multi_tensor",)),
     ("copies, casts, indexing", ("copy", "cast", "index", "gather", "scatter", "cat", "elementwise")),
 ]
