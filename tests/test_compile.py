@@ -46,6 +46,20 @@ def test_compiled_hybrid_equals_eager():
     compiled.compile_blocks()
     assert_compiled_equals_eager(eager, compiled)
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    # Sampling's frozen weights (``Backbone.frozen``) in the compiled blocks: the eager output, also after the
+    # weights change between two sampling calls (refreshed in place, not baked into the compiled graph).
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([5, 600])
+    y, mask = torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool)
+    for _ in range(2):
+        with torch.no_grad():
+            expected = eager(x, t, y, mask)
+        with compiled.frozen():
+            got = compiled(x, t, y, mask)
+        assert (got - expected).norm() <= 1e-5 * expected.norm()
+        with torch.no_grad():
+            for a, b in zip(eager.parameters(), compiled.parameters()):
+                change = 0.1 * torch.randn_like(a)
+                a.add_(change), b.add_(change)
 
 
 def test_compiled_released_dimba_equals_eager():
