@@ -295,7 +295,8 @@ def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_s
                          f"{x.stride()}), to_scan {tuple(to_scan.shape)}, to_rows {tuple(to_rows.shape)}, weight "
                          f"{tuple(weight.shape)} do not fit")
     to_scan = to_scan.contiguous()
-    applied, bias_applied = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()  # as the forward applies them
+    # in x.dtype, as the forward applies them
+    applied, bias_applied = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()
     blocks = triton.cdiv(m, BLOCK_L)
     dpre = torch.empty(b * S, m, channels, dtype=x.dtype, device=x.device)
     dx = torch.empty(b, m, w, dtype=x.dtype, device=x.device)
