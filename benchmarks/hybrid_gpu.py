@@ -25,7 +25,8 @@ Parts (``--parts``, default all but ``train_profile``; they run in the order giv
   train_profile
            where the GPU time of a training step goes (``--train_profile`` settings, CUDA only): kernel families
            (GEMMs, attention, the SSD scan, the conv and norm along scan orders, Inductor's fused kernels,
-           optimizer, copies) and the top kernels, per step, next to the step's wall time.
+           optimizer, copies) and the top kernels, per step, next to the step's wall time; how long the GPU idles
+           between kernels, in how many gaps, and the longest gaps with the kernels around them.
   distill  ``DistillModule`` (dit-xl/2 teacher with random weights -> t2md) stages ``forcing`` and ``kd`` the same
            way, for each ``--distill`` setting.
 
@@ -478,6 +479,31 @@ def kernel_times(prof, device: str, calls: int = 1) -> list[tuple[str, int, floa
     return sorted(((e.key, e.count // calls, getattr(e, key) / 1000 / calls) for e in events), key=lambda k: -k[2])
 
 
+def kernel_intervals(prof, device: str) -> list[tuple[float, float, str]]:
+    """(start, end, name) in microseconds of every kernel of a torch.profiler run (CPU ops elsewhere than CUDA)."""
+    kind = "CUDA" if device == "cuda" else "CPU"
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == kind]
+
+
+def gpu_gaps(intervals: list[tuple[float, float, str]]) -> tuple[float, float, list[tuple[float, str, str]]]:
+    """Where the device idles between the first kernel's start and the last one's end: (window ms, busy ms: the
+    union of the kernels' intervals, the idle gaps as (ms, kernel before, kernel after), longest first)."""
+    if not intervals:
+        return 0.0, 0.0, []
+    intervals = sorted(intervals)
+    busy, gaps = 0.0, []
+    start, end, last = intervals[0]
+    for s, e, name in intervals[1:]:
+        if s > end:  # a gap: the device ran nothing from ``end`` to ``s``
+            busy += end - start
+            gaps.append(((s - end) / 1000, last, name))
+            start, end, last = s, e, name
+        elif e > end:
+            end, last = e, name
+    busy += end - start
+    return (end - intervals[0][0]) / 1000, busy / 1000, sorted(gaps, key=lambda gap: -gap[0])
+
+
 # --------------------------------------------------------------------------------------------------------- train
 class RandomFeatures(Dataset):
     """Batches as the feature cache gives them: latent mean and std, T5-sized text features and mask, captions.
@@ -636,14 +662,22 @@ def train_profile(args) -> str:
                               "other")
                 families[family] = families.get(family, 0.0) + ms
             wall = 1000 * profiler.wall / steps
+            window, busy, gaps = gpu_gaps(kernel_intervals(profiler.profiler, "cuda"))
+            idle = {"window_ms": window / steps, "busy_ms": busy / steps,
+                    "gaps_per_step": len(gaps) / steps, "gaps_over_50us_ms": sum(ms for ms, *_ in gaps if ms > 0.05)
+                    / steps, "longest": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps[:8]]}
             record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
-                                     "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
+                                     "idle": idle, "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
             rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
                     for f, ms in sorted(families.items(), key=lambda item: -item[1])]
             top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in kernels[:25]]
-            out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels\n"
+            longest = [[f"{ms:.3f}", before[:50], after[:50]] for ms, before, after in gaps[:8]]
+            out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels; the GPU busy "
+                       f"{idle['busy_ms']:.1f} of {idle['window_ms']:.1f} ms per step, idle in "
+                       f"{idle['gaps_per_step']:.0f} gaps ({idle['gaps_over_50us_ms']:.1f} ms in those over 50 us)\n"
                        + table(["family", "ms per step", "share"], rows) + "\n\n"
-                       + table(["kernel", "calls", "ms"], top))
+                       + table(["kernel", "calls", "ms"], top) + "\n\n"
+                       + table(["longest idle gap, ms", "after kernel", "before kernel"], longest))
             print(out[-1], flush=True)
             torch.cuda.empty_cache()
     return "\n\n".join(out)

@@ -6,6 +6,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -24,6 +25,32 @@ def run_script(monkeypatch, name: str, *args: str) -> None:
         runpy.run_path(path, run_name="__main__")
     finally:
         sys.modules.pop("shared", None)
+
+
+def hybrid_gpu(monkeypatch):
+    """benchmarks/hybrid_gpu.py as a module (its folder on sys.path for benchmarks/shared.py)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    try:
+        return runpy.run_path(os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), run_name="hybrid_gpu")
+    finally:
+        sys.modules.pop("shared", None)
+
+
+@pytest.mark.parametrize("order", [1, -1])  # the kernels in launch order, and listed backwards
+def test_train_profile_finds_the_gpu_idle_gaps(monkeypatch, order):
+    """``gpu_gaps``: the busy time is the union of overlapping kernels; each gap is named by the kernel that ended
+    last before it and the one after it; and the profiler's events give it intervals (here the CPU ops)."""
+    script = hybrid_gpu(monkeypatch)
+    kernels = [(0, 100, "a"), (50, 300, "b"), (60, 80, "c"), (400, 450, "d"), (1450, 1500, "e"), (1480, 1490, "f")]
+    window, busy, gaps = script["gpu_gaps"](kernels[::order])
+    assert (window, busy) == (1.5, 0.4)
+    assert gaps == [(1.0, "d", "e"), (0.1, "b", "d")]
+    assert script["gpu_gaps"]([]) == (0.0, 0.0, [])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    intervals = script["kernel_intervals"](prof, "cpu")
+    assert any(name == "aten::matmul" for *_, name in intervals) and all(end >= start for start, end, _ in intervals)
+    assert script["gpu_gaps"](intervals)[1] > 0
 
 
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
