@@ -98,3 +98,7 @@ def test_distillation_under_fsdp_leaves_the_teacher_whole(stage, in_tmp, teacher
     assert copied and all(torch.equal(student["state_dict"][k], teacher[k]) for k in copied), "only mixers train"
     mamba = [k for k in student["state_dict"] if "blocks.1.mixer" in k]
     assert mamba and set(mamba) <= {"model." + k for k in ema_shadow(student)}
+    if stage == "kd":  # the hybrid samples under FSDP too (its Scan2D weights are not frozen from shards)
+        launch(in_tmp, "test", *args[1:], "--ckpt_path", f"logs/tiny_distill/{version}/checkpoints/last.ckpt")
+        scores = json.load(open(f"logs/tiny_distill/{version}/test_scores.json"))
+        assert set(scores["scores"]) == {"colour", "shape", "position", "size", "all"}
