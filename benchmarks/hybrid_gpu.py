@@ -571,12 +571,18 @@ def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str
     return result
 
 
+def training_setting(setting: str) -> tuple[str, int, int]:
+    """``PRESET:RESOLUTIONxBATCH`` (``--train``, ``--train_profile``) -> (preset, resolution, batch)."""
+    preset, _, shape = setting.partition(":")
+    resolution, batch = (int(v) for v in shape.split("x"))
+    return preset, resolution, batch
+
+
 def train(args) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for setting in args.train:
-            preset, _, shape = setting.partition(":")
-            resolution, batch = (int(v) for v in shape.split("x"))
+            preset, resolution, batch = training_setting(setting)
             if args.tiny:
                 resolution = 64
 
@@ -642,8 +648,7 @@ def train_profile(args) -> str:
     out = []
     with tempfile.TemporaryDirectory() as folder:
         for setting in args.train_profile:
-            preset, _, shape = setting.partition(":")
-            resolution, batch = (int(v) for v in shape.split("x"))
+            preset, resolution, batch = training_setting(setting)
             steps = 3
             profiler = ProfileSteps(args.warmup, steps)
 
@@ -663,11 +668,13 @@ def train_profile(args) -> str:
                 families[family] = families.get(family, 0.0) + ms
             wall = 1000 * profiler.wall / steps
             window, busy, gaps = gpu_gaps(kernel_intervals(profiler.profiler, "cuda"))
-            idle = {"window_ms": window / steps, "busy_ms": busy / steps,
-                    "gaps_per_step": len(gaps) / steps, "gaps_over_50us_ms": sum(ms for ms, *_ in gaps if ms > 0.05)
-                    / steps, "longest": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps[:8]]}
+            long_gaps = sum(ms for ms, *_ in gaps if ms > 0.05)
+            idle = {"window_ms": window / steps, "busy_ms": busy / steps, "gaps_per_step": len(gaps) / steps,
+                    "gaps_over_50us_ms": long_gaps / steps,
+                    "longest": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps[:8]]}
             record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
-                                     "idle": idle, "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
+                                     "idle": idle,
+                                     "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
             rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
                     for f, ms in sorted(families.items(), key=lambda item: -item[1])]
             top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in kernels[:25]]
