@@ -1,6 +1,7 @@
-"""The Mamba-2 operators: the PyTorch conv against nn.Conv1d, and the custom ops ``lit_dimba::ssd_scan`` and
-``lit_dimba::gated_rms_norm_forward`` (on a CPU their kernels are the PyTorch references): schema, fake and autograd
-registrations, gradients, and tracing by torch.compile; the gated norm's Triton kernel in Triton's interpreter."""
+"""The Mamba-2 operators: the PyTorch conv against nn.Conv1d, and the custom ops ``lit_dimba::ssd_scan``,
+``lit_dimba::gated_rms_norm_forward`` and ``lit_dimba::gather_conv1d_silu`` (on a CPU their kernels are the PyTorch
+references): schema, fake and autograd registrations, gradients, and tracing by torch.compile; Scan2D's Triton kernels
+(the conv and the gated norm, forward and backward) in Triton's interpreter and compiled to sm_90 binaries."""
 
 import os
 import subprocess
