@@ -470,19 +470,20 @@ def profile_one(args, size: tuple[int, int]) -> str:
 
 def kernel_times(prof, device: str, calls: int = 1) -> list[tuple[str, int, float]]:
     """(name, launches per call, ms per call) of each kernel of a torch.profiler run over ``calls`` calls, longest
-    first: the GPU kernels on CUDA, not the user ranges around them (Lightning runs forward and backward inside
-    ``Optimizer.step``); the CPU ops elsewhere."""
+    first: the GPU kernels on CUDA, the CPU ops elsewhere; never the user ranges around them (``record_function``:
+    Lightning runs forward and backward inside ``Optimizer.step``, torch.compile marks its regions)."""
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    ranges = ("Optimizer.", "ProfilerStep")
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not e.key.startswith(ranges)
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not e.is_user_annotation
               and (device != "cuda" or e.device_type.name == "CUDA")]
     return sorted(((e.key, e.count // calls, getattr(e, key) / 1000 / calls) for e in events), key=lambda k: -k[2])
 
 
 def kernel_intervals(prof, device: str) -> list[tuple[float, float, str]]:
-    """(start, end, name) in microseconds of every kernel of a torch.profiler run (CPU ops elsewhere than CUDA)."""
+    """(start, end, name) in microseconds of every kernel of a torch.profiler run (CPU ops elsewhere than CUDA),
+    without the user ranges, which the profiler mirrors on the device's timeline and which would cover its gaps."""
     kind = "CUDA" if device == "cuda" else "CPU"
-    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == kind]
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type.name == kind and not e.is_user_annotation]
 
 
 def gpu_gaps(intervals: list[tuple[float, float, str]]) -> tuple[float, float, list[tuple[float, str, str]]]:
