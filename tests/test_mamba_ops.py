@@ -206,7 +206,8 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
 
     from lit_dimba.models import scan2d_kernels
 
-    norm = scan2d_kernels._norm_tile(2304)  # t2md's group: d_inner
+    norm = scan2d_kernels._norm_tile(2, 2304)  # t2md's tile: 2 scan directions, d_inner
+    norm_constexprs = dict(S=2, S_BLOCK=norm["S_BLOCK"], GROUP=2304, BLOCK=norm["BLOCK"])
     settings = {  # kernel: (constexprs, warps)
         scan2d_kernels._gather_causal_conv1d_silu: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L,
                                                          BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
@@ -214,9 +215,8 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
                                          scan2d_kernels.WARPS),
         scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, TAPS=8, BLOCK_L=scan2d_kernels.BLOCK_L,
                                               BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
-        scan2d_kernels._gated_rms_norm_rows: (dict(S=2, S_BLOCK=2, GROUP=2304, BLOCK=norm["BLOCK"]),
-                                              scan2d_kernels.NORM_FORWARD_WARPS),
-        scan2d_kernels._gated_rms_norm_rows_backward: (dict(S=2, GROUP=2304, BLOCK=norm["BLOCK"]), norm["num_warps"]),
+        scan2d_kernels._gated_rms_norm_rows: (norm_constexprs, norm["num_warps"]),
+        scan2d_kernels._gated_rms_norm_rows_backward: (norm_constexprs, norm["num_warps"]),
     }
     for kernel, (constexprs, warps) in settings.items():
         signature = {name: "constexpr" if name in constexprs else "fp32" if name == "eps" else
