@@ -700,7 +700,7 @@ def distill(args) -> str:
             resolution, batch = (int(v) for v in setting.split("x"))
             if args.tiny:
                 resolution = 64
-            for stage in ("forcing", "kd"):
+            for stage in args.stages:
                 def run():
                     student = build("t2md", args.tiny, gradient_checkpointing=resolution >= 2048)
                     module = DistillModule(student, build("dit-xl/2", args.tiny), teacher_path,
@@ -748,6 +748,8 @@ def main():
                         help="the LightningModules' compile setting in train, train_profile and distill: auto, true, "
                              "false or a dict of torch.compile options, e.g. '{mode: max-autotune-no-cudagraphs}'")
     parser.add_argument("--distill", nargs="+", default=["512x16"], help="RESOLUTIONxBATCH")
+    parser.add_argument("--stages", nargs="+", choices=["forcing", "kd"], default=["forcing", "kd"],
+                        help="the distill part's stages: forcing (stage 1, layer-level teacher forcing), kd (stage 2)")
     parser.add_argument("--iters", type=int, default=15, help="timed calls per latency measurement")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
