@@ -137,7 +137,8 @@ def test_hybrid_layouts():
 def test_hybrid_forward_backward(name, depth, hw):
     torch.manual_seed(0)
     model = tiny_backbone(name, depth=depth)
-    out = model(torch.randn(2, 4, *hw), torch.tensor([5, 900]), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
+    out = model(torch.randn(2, 4, *hw), torch.tensor([5, 900]), torch.randn(2, 16, 32),
+                torch.ones(2, 16, dtype=torch.bool))
     assert out.shape == (2, 8, *hw)
     out.square().mean().backward()
     mamba_grads = [p.grad for m in model.modules() if isinstance(m, (Mamba2, BiMamba)) for p in m.parameters()]
