@@ -572,23 +572,34 @@ def fit_speed(module, label: str, resolution: int, batch: int, args, folder: str
     return result
 
 
-def training_setting(setting: str) -> tuple[str, int, int]:
-    """``PRESET:RESOLUTIONxBATCH`` (``--train``, ``--train_profile``) -> (preset, resolution, batch)."""
-    preset, _, shape = setting.partition(":")
-    resolution, batch = (int(v) for v in shape.split("x"))
-    return preset, resolution, batch
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def training_setting(setting: str, compile_setting) -> tuple[str, int, int, object]:
+    """``PRESET:RESOLUTIONxBATCH[:MODE]`` (``--train``, ``--train_profile``) -> (preset, resolution, batch, the
+    module's compile setting: ``{"mode": MODE}`` where the setting names a torch.compile mode, else
+    ``compile_setting`` (``--compile``))."""
+    preset, shape, *mode = setting.split(":")
+    try:
+        resolution, batch = (int(v) for v in shape.split("x"))
+    except ValueError:
+        raise ValueError(f"training setting {setting!r}: expected PRESET:RESOLUTIONxBATCH[:MODE], e.g. "
+                         "t2md:512x16 or t2md:512x16:reduce-overhead") from None
+    if len(mode) > 1 or (mode and mode[0] not in COMPILE_MODES):
+        raise ValueError(f"training setting {setting!r}: MODE is one of {', '.join(COMPILE_MODES)}")
+    return preset, resolution, batch, {"mode": mode[0]} if mode else compile_setting
 
 
 def train(args) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for setting in args.train:
-            preset, resolution, batch = training_setting(setting)
+            preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
             if args.tiny:
                 resolution = 64
 
             def run():
-                module = diffusion_module(preset, args.tiny, args.compile, gradient_checkpointing=resolution >= 2048)
+                module = diffusion_module(preset, args.tiny, compile_setting, gradient_checkpointing=resolution >= 2048)
                 return fit_speed(module, f"{preset}-{resolution}", resolution, batch, args, folder)
 
             result = guarded("train", setting, run)
@@ -596,12 +607,12 @@ def train(args) -> str:
                 continue
             record("train", {"setting": setting, **result})
             rows.append([preset, f"{resolution}^2", batch, "yes" if resolution >= 2048 else "no",
-                         f"{result['images_per_sec']:.2f}", f"{result['tflops']:.0f}", f"{100 * result['mfu']:.1f}%",
-                         f"{result['peak_memory_gib']:.1f}"])
+                         json.dumps(compile_setting), f"{result['images_per_sec']:.2f}", f"{result['tflops']:.0f}",
+                         f"{100 * result['mfu']:.1f}%", f"{result['peak_memory_gib']:.1f}"])
             print(rows[-1], flush=True)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    return table(["backbone", "image", "batch", "grad. ckpt", "images/s", "TFLOP/s (counted)", "of 989",
+    return table(["backbone", "image", "batch", "grad. ckpt", "compile", "images/s", "TFLOP/s (counted)", "of 989",
                   "peak GiB"], rows)
 
 
@@ -649,12 +660,12 @@ def train_profile(args) -> str:
     out = []
     with tempfile.TemporaryDirectory() as folder:
         for setting in args.train_profile:
-            preset, resolution, batch = training_setting(setting)
+            preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
             steps = 3
             profiler = ProfileSteps(args.warmup, steps)
 
             def run():
-                module = diffusion_module(preset, args.tiny, args.compile, gradient_checkpointing=resolution >= 2048)
+                module = diffusion_module(preset, args.tiny, compile_setting, gradient_checkpointing=resolution >= 2048)
                 return fit_speed(module, f"profile-{preset}-{resolution}", resolution, batch, args, folder,
                                  callbacks=[profiler])
 
@@ -740,10 +751,12 @@ def main():
     parser.add_argument("--sample_sizes", nargs="+", default=["512", "2048"])
     parser.add_argument("--profile_sizes", nargs="+", default=["512", "2048"])
     parser.add_argument("--sample_steps", type=int, default=10)
-    parser.add_argument("--train", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16", "dit-xl/2:2048x2",
-                                                       "t2md:2048x2"], help="PRESET:RESOLUTIONxBATCH")
-    parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16"],
-                        help="PRESET:RESOLUTIONxBATCH, profiled (train_profile part; CUDA only)")
+    parser.add_argument("--train", nargs="+", default=["dit-xl/2:512x32", "t2md:512x32:reduce-overhead",
+                                                       "dit-xl/2:2048x2", "t2md:2048x2"],
+                        help="PRESET:RESOLUTIONxBATCH[:MODE]; MODE, a torch.compile mode (e.g. reduce-overhead), "
+                             "overrides --compile for that run. The default: each backbone at its best setting")
+    parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16:reduce-overhead"],
+                        help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part; CUDA only)")
     parser.add_argument("--compile", type=yaml.safe_load, default="auto",
                         help="the LightningModules' compile setting in train, train_profile and distill: auto, true, "
                              "false or a dict of torch.compile options, e.g. '{mode: max-autotune-no-cudagraphs}'")

@@ -37,6 +37,19 @@ def hybrid_gpu(monkeypatch):
         sys.modules.pop("shared", None)
 
 
+def test_training_settings_name_a_compile_mode(monkeypatch):
+    """``--train``/``--train_profile`` settings: a torch.compile mode after the shape overrides ``--compile`` for that
+    run only; a malformed setting or an unknown mode stops with the expected form."""
+    setting = hybrid_gpu(monkeypatch)["training_setting"]
+    assert setting("t2md:512x16", "auto") == ("t2md", 512, 16, "auto")
+    assert setting("dit-xl/2:2048x2", False) == ("dit-xl/2", 2048, 2, False)
+    assert setting("t2md:512x32:reduce-overhead", "auto") == ("t2md", 512, 32, {"mode": "reduce-overhead"})
+    with pytest.raises(ValueError, match="PRESET:RESOLUTIONxBATCH"):
+        setting("t2md:512", "auto")
+    with pytest.raises(ValueError, match="MODE is one of"):
+        setting("t2md:512x16:fast", "auto")
+
+
 @pytest.mark.parametrize("order", [1, -1])  # the kernels in launch order, and listed backwards
 def test_train_profile_finds_the_gpu_idle_gaps(monkeypatch, order):
     """``gpu_gaps``: the busy time is the union of overlapping kernels; each gap is named by the kernel that ended
