@@ -579,7 +579,8 @@ def training_setting(setting: str, compile_setting) -> tuple[str, int, int, obje
     """``PRESET:RESOLUTIONxBATCH[:MODE]`` (``--train``, ``--train_profile``) -> (preset, resolution, batch, the
     module's compile setting: ``{"mode": MODE}`` where the setting names a torch.compile mode, else
     ``compile_setting`` (``--compile``))."""
-    preset, shape, *mode = setting.split(":")
+    preset, _, rest = setting.partition(":")
+    shape, *mode = rest.split(":")
     try:
         resolution, batch = (int(v) for v in shape.split("x"))
     except ValueError:

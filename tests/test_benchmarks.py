@@ -44,8 +44,9 @@ def test_training_settings_name_a_compile_mode(monkeypatch):
     assert setting("t2md:512x16", "auto") == ("t2md", 512, 16, "auto")
     assert setting("dit-xl/2:2048x2", False) == ("dit-xl/2", 2048, 2, False)
     assert setting("t2md:512x32:reduce-overhead", "auto") == ("t2md", 512, 32, {"mode": "reduce-overhead"})
-    with pytest.raises(ValueError, match="PRESET:RESOLUTIONxBATCH"):
-        setting("t2md:512", "auto")
+    for wrong in ("t2md:512", "t2md"):
+        with pytest.raises(ValueError, match="PRESET:RESOLUTIONxBATCH"):
+            setting(wrong, "auto")
     with pytest.raises(ValueError, match="MODE is one of"):
         setting("t2md:512x16:fast", "auto")
 
