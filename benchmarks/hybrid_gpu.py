@@ -21,7 +21,8 @@ Parts (``--parts``, default all but ``train_profile``; they run in the order giv
   train    training through the real LightningModules: ``Trainer.fit`` (bf16-mixed, fused AdamW, compiled blocks)
            on random latents and T5-sized text features; images/s by ``callbacks.Throughput`` and, with FLOPs per
            step from ``torch.utils.flop_counter``, the fraction of the H100/H200 dense bf16 peak (989 TFLOP/s).
-           Settings ``PRESET:RESOLUTIONxBATCH``; gradient checkpointing from 2048^2.
+           Settings ``PRESET:RESOLUTIONxBATCH[:MODE]`` (MODE: a torch.compile mode for that run); gradient
+           checkpointing from 2048^2.
   train_profile
            where the GPU time of a training step goes (``--train_profile`` settings, CUDA only): kernel families
            (GEMMs, attention, the SSD scan, the conv and norm along scan orders, Inductor's fused kernels,
@@ -50,8 +51,8 @@ import traceback
 
 import lightning as L
 import torch
-import yaml
 import torch._dynamo
+import yaml
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -326,9 +327,6 @@ def check_sampling(tiny: bool) -> list:
            "ok" if err <= 1e-2 else "FAIL"]
     record("check", {"comparison": row[0], "output": row[1]})
     return row
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------------- latency
