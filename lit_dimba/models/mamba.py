@@ -24,7 +24,7 @@ from torch import nn
 
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gated_rms_norm,
-                                        gathered_causal_conv1d_silu, mamba_ssm_scan_functions, scan2d_kernels,
+                                        gathered_causal_conv1d_silu, mamba_ssm_ssd_kernels, scan2d_kernels,
                                         ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
@@ -130,7 +130,7 @@ class Mamba2(nn.Module):
         self.init_ssm_parameters()
 
         # Resolved once here, not while torch.compile traces.
-        self._has_mamba_ssm = (kernel != "torch" and mamba_ssm_scan_functions() is not None
+        self._has_mamba_ssm = (kernel != "torch" and mamba_ssm_ssd_kernels() is not None
                                and scan2d_kernels() is not None)
         self._conv_kernel = None if kernel == "torch" else causal_conv1d_kernel()
 

@@ -249,13 +249,14 @@ def scan_segment(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 # ---------------------------------------------------------------------------------------------- CUDA kernels
 @functools.cache
-def mamba_ssm_scan_functions():
-    """mamba-ssm's forward and backward of the fused SSD scan, or None when mamba-ssm does not import."""
+def mamba_ssm_ssd_kernels():
+    """mamba-ssm's SSD scan, forward and the kernels of its backward (the module ``ssd_combined``, which imports
+    them all), or None when mamba-ssm does not import."""
     try:
-        from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
+        from mamba_ssm.ops.triton import ssd_combined
     except ImportError:
         return None
-    return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
+    return ssd_combined
 
 
 @functools.cache
@@ -297,62 +298,103 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return causal_conv1d_reference(x, weight, bias)
 
 
-@torch.library.custom_op("lit_dimba::ssd_scan", mutates_args=())
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``ssd_reference`` as one operator: mamba-ssm's fused Triton kernels on CUDA, ``ssd_reference`` on a CPU.
+    """``ssd_reference`` as one operator, ``lit_dimba::ssd_scan``: mamba-ssm's fused Triton kernels on CUDA,
+    ``ssd_reference`` on a CPU. Same arguments and result as ``ssd_reference``; the result is contiguous."""
+    return torch.ops.lit_dimba.ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size)[0]
 
-    Same arguments and result as ``ssd_reference``; the result is contiguous.
-    """
+
+@torch.library.custom_op("lit_dimba::ssd_scan", mutates_args=())
+def ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan's output y (b, l, h, p) and what its backward reuses, on CUDA from mamba-ssm's forward: the steps
+    softplus(dt + dt_bias) and the cumulative sums of their decays within each chunk, (b, h, c, T) in float32, and
+    the state entering each chunk, (b, c, h, p, n) in C's dtype; on a CPU those three are empty (its backward is the
+    reference's vector-Jacobian product)."""
     if not x.is_cuda:
-        return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size).contiguous()
-    forward, _ = _require_mamba_ssm(mamba_ssm_scan_functions(), "ssd_scan")
-    out = forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)[0]
-    return out.contiguous()
+        empty = x.new_empty(0)
+        return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size).contiguous(), empty, empty.clone(), empty.clone()
+    ssd = _require_mamba_ssm(mamba_ssm_ssd_kernels(), "ssd_scan")
+    y, _, steps, decay_sums, states, _ = ssd._mamba_chunk_scan_combined_fwd(x, dt, A, B, C, chunk_size, D=D,
+                                                                            dt_bias=dt_bias, dt_softplus=True)
+    return y.contiguous(), steps, decay_sums, states
 
 
-@ssd_scan.register_fake
+@ssd_scan_op.register_fake
 def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, chunk_size):
-    return x.new_empty(x.shape)
+    if x.device.type != "cuda":
+        empty = x.new_empty(0)
+        return x.new_empty(x.shape), empty, empty.clone(), empty.clone()
+    b, l, h, p = x.shape
+    c = -(-l // chunk_size)
+    steps = x.new_empty(b, h, c, chunk_size, dtype=torch.float32)
+    return x.new_empty(x.shape), steps, torch.empty_like(steps), C.new_empty(b, c, h, p, C.shape[-1])
 
 
 @torch.library.custom_op("lit_dimba::ssd_scan_backward", mutates_args=())
 def ssd_scan_backward(grad: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int
+                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, steps: torch.Tensor,
+                      decay_sums: torch.Tensor, states: torch.Tensor, chunk_size: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
     """Gradients of ``ssd_scan`` for ``grad`` (b, l, h, p): (dx, ddt, dA, dB, dC, dD, ddt_bias), each contiguous
-    and in its input's dtype. mamba-ssm's backward kernels on CUDA (they recompute the forward's chunk states), the
-    vector-Jacobian product of ``ssd_reference`` on a CPU."""
+    and in its input's dtype. On CUDA, mamba-ssm's backward kernels given ``steps``, ``decay_sums`` and ``states``
+    from the forward (``ssd_scan_op``); on a CPU, the vector-Jacobian product of ``ssd_reference``."""
     inputs = (x, dt, A, B, C, D, dt_bias)
     if not x.is_cuda:
         _, vjp = torch.func.vjp(lambda *args: ssd_reference(*args, chunk_size), *inputs)
         grads = vjp(grad)
     else:
-        _, backward = _require_mamba_ssm(mamba_ssm_scan_functions(), "ssd_scan")
-        # mamba-ssm's backward reads its ``out`` argument only for its shape when z is None: x has that shape,
-        # so the forward's output need not be kept for the backward.
-        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = backward(grad, x, dt, A, B, C, x, chunk_size, D=D,
-                                                             dt_bias=dt_bias, dt_softplus=True)
-        grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
+        grads = _ssd_backward_kernels(grad, *inputs, steps, decay_sums, states, chunk_size)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, inputs))
 
 
 @ssd_scan_backward.register_fake
-def _ssd_scan_backward_fake(grad, x, dt, A, B, C, D, dt_bias, chunk_size):
+def _ssd_scan_backward_fake(grad, x, dt, A, B, C, D, dt_bias, steps, decay_sums, states, chunk_size):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias))
+
+
+def _ssd_backward_kernels(grad, x, dt, A, B, C, D, dt_bias, steps, decay_sums, states, chunk_size):
+    """mamba-ssm's SSD backward kernels, in the order of its ``_mamba_chunk_scan_combined_bwd`` for this scan (no z,
+    no initial or final states, no sequence index), but reusing the forward's ``steps``, ``decay_sums`` and
+    ``states`` where mamba-ssm recomputes them (``_chunk_cumsum_fwd``, ``_chunk_state_fwd`` and
+    ``_state_passing_fwd``: about a tenth of its backward's time). The one difference in arithmetic: the chunk states
+    enter the decays' gradient as the forward stored them (C's dtype), where mamba-ssm recomputes them in float32.
+    -> (dx, ddt, dA, dB, dC, dD, ddt_bias)."""
+    ssd = _require_mamba_ssm(mamba_ssm_ssd_kernels(), "ssd_scan")
+    groups, p, n = B.shape[2], x.shape[3], B.shape[3]
+    CB = ssd._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)  # (b, c, g, T, T)
+    dstates = ssd._chunk_scan_bwd_dstates(C, decay_sums, grad, dtype=torch.float32)  # (b, c, h, p, n)
+    dstates, ddecay_last, _, states = ssd._state_passing_bwd(states.flatten(-2), decay_sums[..., -1],
+                                                             dstates.flatten(-2), dstates_dtype=x.dtype,
+                                                             states_dtype=x.dtype, chunk_size=chunk_size)
+    dstates, states = dstates.unflatten(-1, (p, n)), states.unflatten(-1, (p, n))
+    dx, dsteps, dD = ssd._chunk_scan_chunk_state_bwd_dx(x, steps, decay_sums, B, CB, grad, dstates, D=D)
+    dB, ddecay_next = ssd._chunk_state_bwd_db(x, steps, decay_sums, dstates, B=B, ngroups=groups)
+    dC, ddecay_prev = ssd._chunk_scan_bwd_dC(states, decay_sums, grad, C=C, ngroups=groups)
+    dCB = ssd._chunk_scan_bwd_dcb(x, steps, decay_sums, grad, ngroups=groups).to(CB.dtype)
+    dB = ssd._bmm_chunk_bwd(C, dCB, residual=dB)
+    dC = ssd._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC)
+    ddecay_prev[..., -1] += ddecay_last
+    ddecay = (ssd._chunk_scan_bwd_ddAcs_stable(x, steps, decay_sums, grad, CB) + ddecay_next
+              + ddecay_prev.flip(-1).cumsum(-1).flip(-1))  # (b, h, c, T)
+    ddt, dA, ddt_bias = ssd._chunk_cumsum_bwd(ddecay, dsteps, dt, A, dt_bias=dt_bias, dt_softplus=True)
+    return dx, ddt, dA, dB, dC, dD, ddt_bias
 
 
 def _ssd_scan_setup_context(ctx, inputs, output):
     *tensors, ctx.chunk_size = inputs
-    ctx.save_for_backward(*tensors)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*tensors, *output[1:])
 
 
-def _ssd_scan_grad(ctx, grad):
+def _ssd_scan_grad(ctx, grad, *_):
     return (*ssd_scan_backward(grad.contiguous(), *ctx.saved_tensors, ctx.chunk_size), None)
 
 
-ssd_scan.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context)
+ssd_scan_op.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context)
 
 
 @torch.library.custom_op("lit_dimba::gated_rms_norm_forward", mutates_args=())
