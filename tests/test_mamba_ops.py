@@ -213,8 +213,7 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
                                                          BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
         scan2d_kernels._conv_silu_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
                                          scan2d_kernels.WARPS),
-        scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, TAPS=triton.next_power_of_2(4 + 1),  # dweight's 4, dbias
-                                              BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
+        scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
                                          scan2d_kernels.WARPS),
         scan2d_kernels._gated_rms_norm_rows: (norm_constexprs, norm["num_warps"]),
         scan2d_kernels._gated_rms_norm_rows_backward: (norm_constexprs, norm["num_warps"]),

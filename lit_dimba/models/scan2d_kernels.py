@@ -212,10 +212,11 @@ def _conv_silu_grad(GRAD, X, INDEX, W, BIAS, DPRE, stride_x, length, width, chan
 
 @triton.jit
 def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length, width, channels, S: tl.constexpr,
-                    K: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     # The backward's second pass, row by row: each row's gradient, the sum over its S sequences of the SiLU-input
     # gradients at the K steps its taps meet (and of the passed-through columns' gradients), and this program's share
-    # of dweight and dbias, from the same loads.
+    # of dweight and dbias, from the same loads. Taps outer, sequences inner: a tap's gradients of the S sequences
+    # are summed elementwise first, so the partial sums take K + 1 reductions over the block's steps, not S * (K + 1).
     batch = tl.program_id(2).to(tl.int64)
     # a block of steps of sequence 0: their rows, each met once, are the rows this program writes
     steps = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -224,27 +225,26 @@ def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length
     token = tl.load(INDEX + steps, mask=in_block, other=0)
     own = tl.load(X + (batch * length + token)[:, None] * stride_x + cols[None, :],
                   mask=in_block[:, None] & conv[None, :], other=0.0).to(tl.float32)
-    taps = tl.arange(0, TAPS)  # rows of the partial sums: dweight's K taps, then dbias
-    partial = tl.zeros([TAPS, BLOCK_D], dtype=tl.float32)
     dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-    for s in tl.static_range(S):
-        sequence = batch * S + s
+    for s in tl.static_range(S):  # the passed-through columns' gradients at the row's own steps
         position = tl.load(ROWS + token * S + s, mask=in_block, other=0) - s * length  # the row's step in sequence s
-        passed = tl.load(GRAD + (sequence * length + position)[:, None] * width + cols[None, :],
+        passed = tl.load(GRAD + ((batch * S + s) * length + position)[:, None] * width + cols[None, :],
                          mask=in_block[:, None] & in_row[None, :] & (cols >= channels)[None, :], other=0.0)
         dx += passed.to(tl.float32)
-        for j in tl.static_range(K):  # the step j places later, where the row meets tap K - 1 - j
-            later = position + j
-            d = tl.load(DPRE + (sequence * length + later)[:, None] * channels + cols[None, :],
-                        mask=(in_block & (later < length))[:, None] & conv[None, :], other=0.0).to(tl.float32)
-            dx += d * tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)[None, :]
-            partial += tl.where(taps[:, None] == K - 1 - j, tl.sum(d * own, axis=0)[None, :], 0.0)
-            if j == 0:
-                partial += tl.where(taps[:, None] == K, tl.sum(d, axis=0)[None, :], 0.0)
+    # this program's K + 1 rows of partial sums: dweight's K taps, then dbias
+    partial = PARTIAL + (batch * tl.num_programs(0) + tl.program_id(0)) * (K + 1) * channels + cols
+    for j in tl.static_range(K):  # the step j places later, where the row meets tap K - 1 - j
+        d = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(S):
+            later = tl.load(ROWS + token * S + s, mask=in_block, other=0) - s * length + j
+            d += tl.load(DPRE + ((batch * S + s) * length + later)[:, None] * channels + cols[None, :],
+                         mask=(in_block & (later < length))[:, None] & conv[None, :], other=0.0).to(tl.float32)
+        dx += d * tl.load(W + cols * K + (K - 1 - j), mask=conv, other=0.0).to(tl.float32)[None, :]
+        tl.store(partial + (K - 1 - j) * channels, tl.sum(d * own, axis=0), mask=conv)
+        if j == 0:
+            tl.store(partial + K * channels, tl.sum(d, axis=0), mask=conv)
     tl.store(DX + (batch * length + token)[:, None] * width + cols[None, :], dx,
              mask=in_block[:, None] & in_row[None, :])
-    tl.store(PARTIAL + ((batch * tl.num_programs(0) + tl.program_id(0)) * (K + 1) + taps[:, None]) * channels
-             + cols[None, :], partial, mask=(taps[:, None] <= K) & conv[None, :])
 
 
 # The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
@@ -307,6 +307,6 @@ def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_s
             BLOCK_D=BLOCK_D, num_warps=WARPS)
         _conv_rows_grad[(blocks, triton.cdiv(w, BLOCK_D), b)](
             grad, dpre, x, to_scan, to_rows.contiguous(), applied, dx, partial, x.stride(1), m, w, channels, S=S, K=k,
-            TAPS=triton.next_power_of_2(k + 1), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
+            BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
     sums = partial.sum((0, 1))  # (k + 1, channels)
     return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
