@@ -163,9 +163,10 @@ def check_triton_kernels():
     from lit_dimba.models.scan2d_kernels import (gated_rms_norm_rows, gated_rms_norm_rows_backward,
                                                  gather_causal_conv1d_silu, gather_causal_conv1d_silu_backward)
 
-    # 5 x 8 = 40 steps: two blocks of 32 steps and, with 140 columns, two of 128 columns.
+    # 9 x 8 = 72 steps: three blocks of 32 steps (two of 64 in the backward's second pass) and, with 140 columns, two
+    # of 128 columns (three of 64).
     for bidirectional in (True, False):
-        x, to_scan, to_rows, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(5, 8), w=140, channels=130,
+        x, to_scan, to_rows, conv_weight, conv_bias = conv_inputs(torch.float32, grid=(9, 8), w=140, channels=130,
                                                                   bidirectional=bidirectional)
         x.requires_grad_(), conv_weight.requires_grad_(), conv_bias.requires_grad_()
         expected = expected_conv(x, to_scan, conv_weight, conv_bias)
@@ -213,7 +214,8 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
                                                          BLOCK_D=scan2d_kernels.BLOCK_D), scan2d_kernels.WARPS),
         scan2d_kernels._conv_silu_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
                                          scan2d_kernels.WARPS),
-        scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.BLOCK_L, BLOCK_D=scan2d_kernels.BLOCK_D),
+        scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.ROWS_BLOCK_L,
+                                              BLOCK_D=scan2d_kernels.ROWS_BLOCK_D),
                                          scan2d_kernels.WARPS),
         scan2d_kernels._gated_rms_norm_rows: (norm_constexprs, norm["num_warps"]),
         scan2d_kernels._gated_rms_norm_rows_backward: (norm_constexprs, norm["num_warps"]),

@@ -250,6 +250,9 @@ def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length
 # The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
 # Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike.
 BLOCK_L, BLOCK_D, WARPS = 32, 128, 4
+# The backward's second pass (_conv_rows_grad) has a tile of its own: at t2md's 512^2 batch-16 and 2048^2 shapes on an
+# H200, 64 x 64 took 361 and 366 us per layer, 32 x 128 485 and 494, 64 x 128 370 and 375 (2026-12-01).
+ROWS_BLOCK_L, ROWS_BLOCK_D = 64, 64
 
 
 def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -297,16 +300,16 @@ def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_s
     to_scan = to_scan.contiguous()
     # in x.dtype, as the forward applies them
     applied, bias_applied = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()
-    blocks = triton.cdiv(m, BLOCK_L)
     dpre = torch.empty(b * S, m, channels, dtype=x.dtype, device=x.device)
     dx = torch.empty(b, m, w, dtype=x.dtype, device=x.device)
+    blocks = triton.cdiv(m, ROWS_BLOCK_L)  # the second pass's programs along the steps, one row of partial sums each
     partial = torch.empty(b, blocks, k + 1, channels, dtype=torch.float32, device=x.device)
     with _device(x):
-        _conv_silu_grad[(blocks, triton.cdiv(channels, BLOCK_D), b * S)](
+        _conv_silu_grad[(triton.cdiv(m, BLOCK_L), triton.cdiv(channels, BLOCK_D), b * S)](
             grad, x, to_scan, applied, bias_applied, dpre, x.stride(1), m, w, channels, S=S, K=k, BLOCK_L=BLOCK_L,
             BLOCK_D=BLOCK_D, num_warps=WARPS)
-        _conv_rows_grad[(blocks, triton.cdiv(w, BLOCK_D), b)](
+        _conv_rows_grad[(blocks, triton.cdiv(w, ROWS_BLOCK_D), b)](
             grad, dpre, x, to_scan, to_rows.contiguous(), applied, dx, partial, x.stride(1), m, w, channels, S=S, K=k,
-            BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=WARPS)
+            BLOCK_L=ROWS_BLOCK_L, BLOCK_D=ROWS_BLOCK_D, num_warps=WARPS)
     sums = partial.sum((0, 1))  # (k + 1, channels)
     return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
