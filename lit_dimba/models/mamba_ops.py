@@ -6,7 +6,8 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
 
 - ``ssd_scan``: mamba-ssm's fused Triton SSD scan, registered as the custom op ``lit_dimba::ssd_scan`` with a fake
   (shape) implementation and a backward op, so that ``torch.compile`` keeps it inside the graph rather than
-  breaking there. Its CPU implementation is ``ssd_reference`` (what ``torch.library.opcheck`` tests on a CPU).
+  breaking there; the op also returns the forward's chunk states, which its backward reuses. Its CPU implementation
+  is ``ssd_reference`` (what ``torch.library.opcheck`` tests on a CPU).
 - ``causal_conv1d_silu``: causal-conv1d's CUDA conv when installed (its 1.7 release registers its kernels as
   custom ops, so ``torch.compile`` keeps them in the graph); else the PyTorch form (k shifted multiply-adds), which
   inductor fuses with SiLU.

@@ -251,7 +251,7 @@ def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length
 # Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike.
 BLOCK_L, BLOCK_D, WARPS = 32, 128, 4
 # The backward's second pass (_conv_rows_grad) has a tile of its own: at t2md's 512^2 batch-16 and 2048^2 shapes on an
-# H200, 64 x 64 took 361 and 366 us per layer, 32 x 128 485 and 494, 64 x 128 370 and 375 (2026-12-01).
+# H200, 64 x 64 took 361 and 366 us per layer, 32 x 128 485 and 494, 64 x 128 370 and 375 (2026-11-30).
 ROWS_BLOCK_L, ROWS_BLOCK_D = 64, 64
 
 
