@@ -478,10 +478,28 @@ def kernel_times(prof, device: str, calls: int = 1) -> list[tuple[str, int, floa
 
 def kernel_intervals(prof, device: str) -> list[tuple[float, float, str]]:
     """(start, end, name) in microseconds of every kernel of a torch.profiler run (CPU ops elsewhere than CUDA),
-    without the user ranges, which the profiler mirrors on the device's timeline and which would cover its gaps."""
+    without the user ranges, which the profiler mirrors on the device's timeline and which would cover its gaps. A
+    kernel's name ends with the host ops that launched it (``launched_by``), so that an idle gap names what the host
+    was doing before the kernel after it."""
     kind = "CUDA" if device == "cuda" else "CPU"
-    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-            if e.device_type.name == kind and not e.is_user_annotation]
+    events = prof.events()
+    launcher = {}
+    if kind == "CUDA":  # kineto links a device event (its id) to the host op that launched it (that op's id)
+        host = {e.id: e for e in events if e.device_type.name == "CPU"}
+        launcher = {k.correlation_id(): host.get(k.linked_correlation_id())
+                    for k in prof.profiler.kineto_results.events() if k.device_type().name == "CUDA"}
+    return [(e.time_range.start, e.time_range.end, e.name + launched_by(launcher.get(e.id)))
+            for e in events if e.device_type.name == kind and not e.is_user_annotation]
+
+
+def launched_by(op, depth: int = 3) -> str:
+    """" < " and the innermost ``depth`` host ops around a kernel's launch, innermost first (its aten op, then what
+    called it: an autograd node, a compiled region, a user range), or "" for none."""
+    names = []
+    while op is not None and len(names) < depth:
+        names.append(op.name[:48])
+        op = op.cpu_parent
+    return "".join(f" < {name}" for name in names)
 
 
 def gpu_gaps(intervals: list[tuple[float, float, str]]) -> tuple[float, float, list[tuple[float, str, str]]]:
@@ -682,14 +700,14 @@ def train_profile(args) -> str:
             long_gaps = sum(ms for ms, *_ in gaps if ms > 0.05)
             idle = {"window_ms": window / steps, "busy_ms": busy / steps, "gaps_per_step": len(gaps) / steps,
                     "gaps_over_50us_ms": long_gaps / steps,
-                    "longest": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps[:8]]}
+                    "longest": [[round(ms, 3), before[:200], after[:200]] for ms, before, after in gaps[:8]]}
             record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
                                      "idle": idle,
                                      "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
             rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
                     for f, ms in sorted(families.items(), key=lambda item: -item[1])]
             top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in kernels[:25]]
-            longest = [[f"{ms:.3f}", before[:50], after[:50]] for ms, before, after in gaps[:8]]
+            longest = [[f"{ms:.3f}", before[:160], after[:160]] for ms, before, after in gaps[:8]]
             out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels; the GPU busy "
                        f"{idle['busy_ms']:.1f} of {idle['window_ms']:.1f} ms per step, idle in "
                        f"{idle['gaps_per_step']:.0f} gaps ({idle['gaps_over_50us_ms']:.1f} ms in those over 50 us)\n"

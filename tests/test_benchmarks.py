@@ -5,6 +5,7 @@ import os
 import runpy
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,6 +75,36 @@ def test_train_profile_finds_the_gpu_idle_gaps(monkeypatch, order):
     window, busy, gaps = script["gpu_gaps"](intervals)
     assert busy > 0 and gaps[0][0] >= 20 and window >= busy + gaps[0][0]
     assert not any(name.startswith("Optimizer.") for name, *_ in script["kernel_times"](prof, "cpu"))
+
+
+def test_train_profile_names_the_host_ops_that_launched_a_kernel(monkeypatch):
+    """On CUDA a kernel's interval is named with the host ops around its launch (linked by the profiler's correlation
+    id), innermost first, three at most; the user ranges the profiler mirrors on the device stay out."""
+    script = hybrid_gpu(monkeypatch)
+
+    raw = []  # kineto's own events, which link each device event to its launching host op by correlation ids
+
+    def event(id, name, device="CPU", parent=None, linked=0, user=False, start=0.0, end=1.0):
+        kind = SimpleNamespace(name=device)
+        raw.append(SimpleNamespace(correlation_id=lambda: id, linked_correlation_id=lambda: linked,
+                                   device_type=lambda: kind))
+        return SimpleNamespace(id=id, name=name, device_type=kind, cpu_parent=parent, is_user_annotation=user,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    step = event(1, "ProfilerStep#3", user=True)
+    optimizer = event(2, "Optimizer.step#AdamW.step", parent=step, user=True)
+    backward = event(3, "autograd::engine::evaluate_function: CompiledFunctionBackward", parent=optimizer)
+    mm = event(4, "aten::mm", parent=backward)
+    events = [step, optimizer, backward, mm,
+              event(5, "nvjet_gemm", "CUDA", linked=4, start=10, end=20),
+              event(6, "memcpy", "CUDA", linked=99, start=30, end=31),  # its host op is not in the trace
+              event(7, "Optimizer.step#AdamW.step", "CUDA", user=True, start=0, end=40)]
+    prof = SimpleNamespace(events=lambda: events,
+                           profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: raw)))
+    intervals = script["kernel_intervals"](prof, "cuda")
+    assert intervals == [(10, 20, f"nvjet_gemm < aten::mm < {backward.name[:48]} < Optimizer.step#AdamW.step"),
+                         (30, 31, "memcpy")]
+    assert script["launched_by"](mm, depth=1) == " < aten::mm" and script["launched_by"](None) == ""
 
 
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
