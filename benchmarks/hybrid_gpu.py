@@ -772,7 +772,7 @@ def main():
                                                        "dit-xl/2:2048x2", "t2md:2048x2"],
                         help="PRESET:RESOLUTIONxBATCH[:MODE]; MODE, a torch.compile mode (e.g. reduce-overhead), "
                              "overrides --compile for that run. The default: each backbone at its best setting")
-    parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x16:reduce-overhead"],
+    parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x32:reduce-overhead"],
                         help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part; CUDA only)")
     parser.add_argument("--compile", type=yaml.safe_load, default="auto",
                         help="the LightningModules' compile setting in train, train_profile and distill: auto, true, "
