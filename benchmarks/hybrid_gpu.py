@@ -642,8 +642,16 @@ KERNEL_FAMILIES = [
     ("conv / norm along scan orders", ("causal_conv1d", "_gather_causal", "_conv_silu_grad", "_conv_rows_grad",
                                        "_gated_rms_norm", "_layer_norm")),
     ("optimizer", ("multi_tensor",)),
-    ("copies, casts, indexing", ("copy", "cast", "index", "gather", "scatter", "cat", "elementwise")),
+    ("ATen reductions and cumsums", ("reduce_kernel", "scan_innermost_dim", "scan_outer_dim")),
+    ("copies, casts, indexing", ("copy", "memcpy", "memset", "cast", "index", "gather", "scatter", "cat",
+                                 "elementwise")),
 ]
+
+
+def kernel_family(name: str) -> str:
+    """The family of ``KERNEL_FAMILIES`` whose pattern a kernel's name matches first (case-insensitive), else
+    "other"."""
+    return next((family for family, patterns in KERNEL_FAMILIES if any(p in name.lower() for p in patterns)), "other")
 
 
 class ProfileSteps(L.Callback):
@@ -692,8 +700,7 @@ def train_profile(args) -> str:
             total = sum(ms for _, _, ms in kernels)
             families: dict[str, float] = {}
             for name, _, ms in kernels:
-                family = next((f for f, patterns in KERNEL_FAMILIES if any(p in name.lower() for p in patterns)),
-                              "other")
+                family = kernel_family(name)
                 families[family] = families.get(family, 0.0) + ms
             wall = 1000 * profiler.wall / steps
             window, busy, gaps = gpu_gaps(kernel_intervals(profiler.profiler, "cuda"))

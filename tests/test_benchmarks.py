@@ -107,6 +107,30 @@ def test_train_profile_names_the_host_ops_that_launched_a_kernel(monkeypatch):
     assert script["launched_by"](mm, depth=1) == " < aten::mm" and script["launched_by"](None) == ""
 
 
+
+def test_train_profile_sorts_kernels_into_families(monkeypatch):
+    """Kernel names as an H200 profile of t2md's training step gives them fall into the families of the table; the
+    ATen reductions and cumsums of the scan's backward are a family of their own, not "other"."""
+    family = hybrid_gpu(monkeypatch)["kernel_family"]
+    names = {
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "GEMM",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128": "attention",
+        "_chunk_scan_chunk_state_bwd_dx_kernel": "SSD scan (mamba-ssm)",
+        "_state_passing_fwd_kernel": "SSD scan (mamba-ssm)",
+        "triton_red_fused__to_copy_add_mul_native_layer_norm_backward_split_unsqueeze_view_8":
+            "compiled elementwise (Inductor)",
+        "_conv_rows_grad": "conv / norm along scan orders",
+        "_gated_rms_norm_rows_backward": "conv / norm along scan orders",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>": "optimizer",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, ...>": "ATen reductions and cumsums",
+        "void at::native::tensor_kernel_scan_innermost_dim<float, std::plus<float> >(float*, ...)":
+            "ATen reductions and cumsums",
+        "void at::native::index_elementwise_kernel<128, 4, at::native::flip_kernel_impl<...>": "copies, casts, indexing",
+        "Memcpy DtoD (Device -> Device)": "copies, casts, indexing",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "other",
+    }
+    assert {name: family(name) for name in names} == names
+
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
     run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
