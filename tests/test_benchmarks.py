@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT
 
@@ -131,6 +132,7 @@ def test_train_profile_sorts_kernels_into_families(monkeypatch):
     }
     assert {name: family(name) for name in names} == names
 
+
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
     run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
@@ -184,3 +186,53 @@ def test_t2md_study_script_smoke(tmp_path, monkeypatch, capsys):
     again = capsys.readouterr().out
     assert "0 units to run" in again
     assert again[again.index("Teacher:"):] == first[first.index("Teacher:"):]
+
+
+def test_distill_ablation_commands_parse_and_chain(tmp_path, monkeypatch, capsys):
+    """benchmarks/distill_ablation.py with ``main.py`` replaced by a parse of each command it would run
+    (``--print_config``): every command is a valid config; stage 2 starts from the checkpoint folder of the row's
+    stage-1 run, each test from a checkpoint a run before it writes (the teacher's from the demo); the scores are read
+    where the test run's logger puts them (here written there by the stand-in), and the table prints them."""
+    from main import main as cli
+
+    path = os.path.join(ROOT, "benchmarks", "distill_ablation.py")
+    monkeypatch.syspath_prepend(os.path.dirname(path))
+    try:
+        script = runpy.run_path(path, run_name="distill_ablation")
+    finally:
+        sys.modules.pop("shared", None)
+    checkpoints = {os.path.join(ROOT, "runs", "demo", "checkpoints")}  # what earlier runs write, as folders
+    commands = []
+
+    def parse(args: list[str], log_path: str) -> float:
+        monkeypatch.setattr(sys, "argv", ["main.py"])  # the script's own options are parsed by now
+        with pytest.raises(SystemExit) as exit_info:
+            cli([*args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        logger = config["trainer"]["logger"]["init_args"]
+        log_dir = os.path.join(logger["save_dir"], logger["name"], str(logger["version"]))
+        assert config["trainer"]["accelerator"] == "cpu"
+        if args[0] == "fit":
+            init = config["model"]["init_args"].get("init_student")
+            assert init is None or os.path.dirname(init) in checkpoints
+            checkpoints.add(os.path.join(log_dir, "checkpoints"))
+        else:
+            assert os.path.dirname(config["ckpt_path"]) in checkpoints
+            os.makedirs(log_dir, exist_ok=True)
+            scores = {"colour": 0.5, "shape": 0.25, "position": 0.75, "size": 1.0, "all": 0.125}
+            with open(os.path.join(log_dir, "test_scores.json"), "w") as f:
+                json.dump({"scores": scores}, f)
+        commands.append((args[0], logger["name"], str(logger["version"])))
+        return 1.0
+
+    script["run_row"].__globals__["run"] = parse
+    monkeypatch.setattr(sys, "argv", [path, "--rows", "teacher", "scratch", "full", "--out", str(tmp_path),
+                                      "--mamba_kernel", "torch"])
+    capsys.readouterr()
+    script["main"]()
+    table = capsys.readouterr().out
+    assert sorted(commands) == sorted([("test", "teacher", "test"), ("fit", "scratch", "kd"), ("test", "scratch", "kd"),
+                                       ("fit", "full", "forcing"), ("fit", "full", "kd"), ("test", "full", "kd")])
+    assert "failed" not in table
+    assert table.count("| 0.500 | 0.250 | 0.750 | 1.000 | 0.125 |") == 3
