@@ -14,17 +14,27 @@ from torch import nn
 
 from lit_dimba.models.mamba import scan_gathers, scan_orders
 from lit_dimba.models.mamba_ops import (causal_conv1d_reference, causal_conv1d_silu, gated_rms_norm,
-                                        gathered_causal_conv1d_silu, gather_rows, ssd_reference, ssd_scan)
+                                        gathered_causal_conv1d_silu, gather_rows, scan_parts, ssd_reference,
+                                        ssd_scan)
 from tests.conftest import ROOT
 
 
 def scan_inputs(dtype=torch.float64, b=2, l=11, h=4, p=3, g=2, n=5, seed=0, requires_grad=False):
+    """The scan's inputs as ``ssd_scan`` takes them: x, B, C and dt packed in xBCdt (b, l, w) as the conv gives them,
+    here with two columns after them that the scan does not read and strided rows (a slice of a wider tensor); A, D
+    and dt_bias; the sizes."""
     gen = torch.Generator().manual_seed(seed)
-    tensors = dict(x=torch.randn(b, l, h, p, generator=gen), dt=torch.randn(b, l, h, generator=gen),
-                   A=-torch.rand(h, generator=gen) * 2 - 0.1, B=torch.randn(b, l, g, n, generator=gen),
-                   C=torch.randn(b, l, g, n, generator=gen), D=torch.rand(h, generator=gen) + 0.5,
+    xBCdt = torch.randn(b, l, h * p + 2 * g * n + h + 2 + 3, generator=gen)[..., 3:]
+    tensors = dict(xBCdt=xBCdt, A=-torch.rand(h, generator=gen) * 2 - 0.1, D=torch.rand(h, generator=gen) + 0.5,
                    dt_bias=torch.randn(h, generator=gen) * 0.1)
-    return {k: v.to(dtype).requires_grad_(requires_grad) for k, v in tensors.items()}
+    return {**{k: v.to(dtype).requires_grad_(requires_grad) for k, v in tensors.items()}, "headdim": p, "d_state": n,
+            "ngroups": g}
+
+
+def reference_scan(xBCdt, A, D, dt_bias, headdim, d_state, ngroups, chunk_size):
+    """``ssd_reference`` on the parts of xBCdt."""
+    x, dt, B, C = scan_parts(xBCdt, A.shape[0], headdim, d_state, ngroups)
+    return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size)
 
 
 @pytest.mark.parametrize("width", [2, 4])
@@ -46,20 +56,26 @@ def test_ssd_scan_op_registrations():
 
 
 def test_ssd_scan_op_gradients_equal_the_reference():
+    """The op's gradients equal those of ``ssd_reference`` on the packed tensor's parts: the parts' gradients where
+    the parts lie in one tensor, zeros in the columns the scan does not read."""
     inputs = scan_inputs(requires_grad=True)
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
     weights = torch.randn(2, 11, 4, 3, dtype=torch.float64)
-    grads = [torch.autograd.grad((f(**inputs, chunk_size=4) * weights).sum(), list(inputs.values()))
-             for f in (ssd_scan, ssd_reference)]
+    grads = [torch.autograd.grad((f(**inputs, chunk_size=4) * weights).sum(), tensors)
+             for f in (ssd_scan, reference_scan)]
     for name, a, b in zip(inputs, *grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert grads[0][0].shape == inputs["xBCdt"].shape and grads[0][0].is_contiguous()
+    assert grads[0][0][..., -2:].abs().max() == 0 and grads[0][0][..., :-2].abs().min() > 0
 
 
 def test_ssd_scan_op_is_one_graph_under_compile():
     """torch.compile traces through the op (fullgraph: a graph break would raise), forward and backward."""
     inputs = scan_inputs(torch.float32, requires_grad=True)
+    sizes = {k: inputs.pop(k) for k in ("headdim", "d_state", "ngroups")}
 
-    def loss(x, dt, A, B, C, D, dt_bias):
-        return ssd_scan(F.silu(x), dt, A, B, C, D, dt_bias, 4).square().sum()
+    def loss(xBCdt, A, D, dt_bias):
+        return ssd_scan(F.silu(xBCdt), A, D, dt_bias, **sizes, chunk_size=4).square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     expected = torch.autograd.grad(loss(**inputs), list(inputs.values()))
@@ -111,11 +127,10 @@ def test_gathered_conv(fused):
     if fused:
         torch.library.opcheck(torch.ops.lit_dimba.gather_conv1d_silu.default,
                               (x.requires_grad_(), to_scan, to_rows, weight.requires_grad_(), bias, channels))
-    conv, rest = gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, fused)
-    torch.testing.assert_close(torch.cat([conv, rest], -1), expected_conv(x, to_scan, weight, bias))
+    torch.testing.assert_close(gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, fused),
+                               expected_conv(x, to_scan, weight, bias))
     assert torch.autograd.gradcheck(
-        lambda x, weight, bias: torch.cat(gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels,
-                                                                      fused), -1),
+        lambda x, weight, bias: gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, fused),
         (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
 
 

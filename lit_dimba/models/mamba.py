@@ -25,7 +25,7 @@ from torch import nn
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gated_rms_norm,
                                         gathered_causal_conv1d_silu, mamba_ssm_ssd_kernels, scan2d_kernels,
-                                        ssd_reference, ssd_scan)
+                                        scan_parts, ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
@@ -176,36 +176,36 @@ class Mamba2(nn.Module):
         return zxbcdt[..., : self.d_inner], zxbcdt[..., self.d_inner:]
 
     def convolve(self, xBCdt: torch.Tensor, to_scan: torch.Tensor | None = None,
-                 to_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 to_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The causal conv and SiLU of the conv channels, causal in l: xBCdt (b, l, >= conv_dim + nheads), the conv
-        channels then the raw steps dt, as ``in_projection`` gives them -> (xBC (b', l, conv_dim), dt (b', l,
-        nheads)). Without ``to_scan``, along l as given (b' = b); with it, along S sequences of xBCdt's rows
-        (``to_scan`` (S * l,), ``to_rows`` (l, S), see ``scan_gathers``; b' = b * S), which on CUDA one Triton kernel
-        reads in place (``mamba_ops.gathered_causal_conv1d_silu``)."""
+        channels then the raw steps dt, as ``in_projection`` gives them -> (b', l, >= conv_dim + nheads): x, B and C
+        after the conv, then dt as it was (what ``scan`` takes). Without ``to_scan``, along l as given (b' = b; the
+        conv's output and dt concatenated); with it, along S sequences of xBCdt's rows (``to_scan`` (S * l,),
+        ``to_rows`` (l, S), see ``scan_gathers``; b' = b * S), which on CUDA one Triton kernel reads in place and
+        writes in one tensor with the columns after the conv's (``mamba_ops.gathered_causal_conv1d_silu``)."""
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if to_scan is None:
             xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel)
-            rest = xBCdt[..., self.conv_dim:]
-        else:
-            xBC, rest = gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim,
-                                                    self.fused(xBCdt), self._conv_kernel)
-        return xBC, rest[..., : self.nheads]
+            return torch.cat([xBC, xBCdt[..., self.conv_dim: self.conv_dim + self.nheads]], dim=-1)
+        return gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim, self.fused(xBCdt),
+                                           self._conv_kernel)
 
-    def scan(self, xBC: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        """The SSD scan with its D skip, causal in l: xBC (b, l, conv_dim) after conv and SiLU, dt (b, l, nheads) raw
-        steps, as ``convolve`` gives them -> y (b, l, d_inner), before gate and norm."""
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        x = x.unflatten(-1, (self.nheads, self.headdim))  # (b, l, h, p)
-        B = B.unflatten(-1, (self.ngroups, self.d_state))  # (b, l, g, n)
-        C = C.unflatten(-1, (self.ngroups, self.d_state))
+    def scan(self, xBCdt: torch.Tensor) -> torch.Tensor:
+        """The SSD scan with its D skip, causal in l: xBCdt (b, l, >= conv_dim + nheads), x, B and C after the conv
+        and SiLU, then the raw steps dt, as ``convolve`` gives them -> y (b, l, d_inner), before gate and norm. On the
+        CUDA kernels the scan takes xBCdt whole (``mamba_ops.ssd_scan``), so its gradient comes back as one tensor."""
         A = -torch.exp(at_least_fp32(self.A_log))  # (h,)
-        scan = ssd_scan if self.fused(xBC) else ssd_reference
-        return scan(x, dt, A, B, C, self.D, self.dt_bias, self.chunk_size).flatten(-2)
+        if self.fused(xBCdt):
+            y = ssd_scan(xBCdt, A, self.D, self.dt_bias, self.headdim, self.d_state, self.ngroups, self.chunk_size)
+        else:
+            x, dt, B, C = scan_parts(xBCdt, self.nheads, self.headdim, self.d_state, self.ngroups)
+            y = ssd_reference(x, dt, A, B, C, self.D, self.dt_bias, self.chunk_size)
+        return y.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, l, d_model) -> (b, l, d_model), causal in l."""
         z, xBCdt = self.in_projection(x)
-        y = self.scan(*self.convolve(xBCdt))
+        y = self.scan(self.convolve(xBCdt))
         rows = torch.arange(y.shape[1], device=y.device)[:, None]  # each token's one output, in place
         return self.out_proj(self.norm(y, rows, z.flatten(0, 1), self.fused(y)).view_as(y))
 
@@ -296,7 +296,7 @@ class Scan2D(nn.Module):
         orders = scan_orders(grid, self.order, self.bidirectional, x.device)  # (S, N)
         S = orders.shape[0]
         to_scan, to_rows = scan_gathers(orders)
-        y = mamba.scan(*mamba.convolve(xBCdt, to_scan, to_rows)).reshape(B, S * N, -1)  # (B, S * N, d_inner)
+        y = mamba.scan(mamba.convolve(xBCdt, to_scan, to_rows)).reshape(B, S * N, -1)  # (B, S * N, d_inner)
         y = mamba.norm(y, to_rows, z.flatten(0, 1), mamba.fused(y))  # (B * N, S, d_inner): back in row-major order
         return self.project(y.view(B, N, S, -1))
 

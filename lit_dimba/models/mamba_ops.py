@@ -6,8 +6,9 @@ Each has a plain-PyTorch form, which runs on any device, is differentiable, and 
 
 - ``ssd_scan``: mamba-ssm's fused Triton SSD scan, registered as the custom op ``lit_dimba::ssd_scan`` with a fake
   (shape) implementation and a backward op, so that ``torch.compile`` keeps it inside the graph rather than
-  breaking there; the op also returns the forward's chunk states, which its backward reuses. Its CPU implementation
-  is ``ssd_reference`` (what ``torch.library.opcheck`` tests on a CPU).
+  breaking there; it takes its inputs x, B, C and dt packed in one tensor as the conv gives them (``scan_parts``),
+  so that its backward writes their gradients into one tensor, and also returns the forward's chunk states, which
+  its backward reuses. Its CPU implementation is ``ssd_reference`` (what ``torch.library.opcheck`` tests on a CPU).
 - ``causal_conv1d_silu``: causal-conv1d's CUDA conv when installed (its 1.7 release registers its kernels as
   custom ops, so ``torch.compile`` keeps them in the graph); else the PyTorch form (k shifted multiply-adds), which
   inductor fuses with SiLU.
@@ -299,23 +300,38 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return causal_conv1d_reference(x, weight, bias)
 
 
-def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``ssd_reference`` as one operator, ``lit_dimba::ssd_scan``: mamba-ssm's fused Triton kernels on CUDA,
-    ``ssd_reference`` on a CPU. Same arguments and result as ``ssd_reference``; the result is contiguous."""
-    return torch.ops.lit_dimba.ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size)[0]
+def scan_parts(xBCdt: torch.Tensor, nheads: int, headdim: int, d_state: int, ngroups: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan's inputs as views of one packed tensor, the conv's output as Mamba-2 lays it out: xBCdt (b, l, w)
+    holds x (h * p columns), B and C (g * n each) and the raw steps dt (h), in that order, then any columns the scan
+    does not read -> (x (b, l, h, p), dt (b, l, h), B (b, l, g, n), C (b, l, g, n))."""
+    d_inner, gn = nheads * headdim, ngroups * d_state
+    x, B, C, dt = xBCdt[..., : d_inner + 2 * gn + nheads].split([d_inner, gn, gn, nheads], dim=-1)
+    return (x.unflatten(-1, (nheads, headdim)), dt, B.unflatten(-1, (ngroups, d_state)),
+            C.unflatten(-1, (ngroups, d_state)))
+
+
+def ssd_scan(xBCdt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, headdim: int,
+             d_state: int, ngroups: int, chunk_size: int) -> torch.Tensor:
+    """``ssd_reference`` on the views ``scan_parts(xBCdt, ...)`` (h = A's length) as one operator,
+    ``lit_dimba::ssd_scan``: mamba-ssm's fused Triton kernels on CUDA, ``ssd_reference`` on a CPU -> y (b, l, h, p),
+    contiguous. Taking the packed tensor, not its parts, lets the backward write the parts' gradients into one
+    tensor of xBCdt's shape, the gradient the conv before it takes, where autograd would otherwise assemble it from
+    four in a copy."""
+    return torch.ops.lit_dimba.ssd_scan(xBCdt, A, D, dt_bias, headdim, d_state, ngroups, chunk_size)[0]
 
 
 @torch.library.custom_op("lit_dimba::ssd_scan", mutates_args=())
-def ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int
+def ssd_scan_op(xBCdt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, headdim: int,
+                d_state: int, ngroups: int, chunk_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scan's output y (b, l, h, p) and what its backward reuses, on CUDA from mamba-ssm's forward: the steps
     softplus(dt + dt_bias) and the cumulative sums of their decays within each chunk, (b, h, c, T) in float32, and
-    the state entering each chunk, (b, c, h, p, n) in C's dtype; on a CPU those three are empty (its backward is the
-    reference's vector-Jacobian product)."""
-    if not x.is_cuda:
-        empty = x.new_empty(0)
+    the state entering each chunk, (b, c, h, p, n) in xBCdt's dtype; on a CPU those three are empty (its backward is
+    the reference's vector-Jacobian product)."""
+    x, dt, B, C = scan_parts(xBCdt, A.shape[0], headdim, d_state, ngroups)
+    if not xBCdt.is_cuda:
+        empty = xBCdt.new_empty(0)
         return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size).contiguous(), empty, empty.clone(), empty.clone()
     ssd = _require_mamba_ssm(mamba_ssm_ssd_kernels(), "ssd_scan")
     y, _, steps, decay_sums, states, _ = ssd._mamba_chunk_scan_combined_fwd(x, dt, A, B, C, chunk_size, D=D,
@@ -324,75 +340,89 @@ def ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
 
 @ssd_scan_op.register_fake
-def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, chunk_size):
-    if x.device.type != "cuda":
-        empty = x.new_empty(0)
-        return x.new_empty(x.shape), empty, empty.clone(), empty.clone()
-    b, l, h, p = x.shape
+def _ssd_scan_fake(xBCdt, A, D, dt_bias, headdim, d_state, ngroups, chunk_size):
+    b, l, _ = xBCdt.shape
+    h = A.shape[0]
+    y = xBCdt.new_empty(b, l, h, headdim)
+    if xBCdt.device.type != "cuda":
+        empty = xBCdt.new_empty(0)
+        return y, empty, empty.clone(), empty.clone()
     c = -(-l // chunk_size)
-    steps = x.new_empty(b, h, c, chunk_size, dtype=torch.float32)
-    return x.new_empty(x.shape), steps, torch.empty_like(steps), C.new_empty(b, c, h, p, C.shape[-1])
+    steps = xBCdt.new_empty(b, h, c, chunk_size, dtype=torch.float32)
+    return y, steps, torch.empty_like(steps), xBCdt.new_empty(b, c, h, headdim, d_state)
 
 
 @torch.library.custom_op("lit_dimba::ssd_scan_backward", mutates_args=())
-def ssd_scan_backward(grad: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, steps: torch.Tensor,
-                      decay_sums: torch.Tensor, states: torch.Tensor, chunk_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor]:
-    """Gradients of ``ssd_scan`` for ``grad`` (b, l, h, p): (dx, ddt, dA, dB, dC, dD, ddt_bias), each contiguous
-    and in its input's dtype. On CUDA, mamba-ssm's backward kernels given ``steps``, ``decay_sums`` and ``states``
-    from the forward (``ssd_scan_op``); on a CPU, the vector-Jacobian product of ``ssd_reference``."""
-    inputs = (x, dt, A, B, C, D, dt_bias)
-    if not x.is_cuda:
-        _, vjp = torch.func.vjp(lambda *args: ssd_reference(*args, chunk_size), *inputs)
+def ssd_scan_backward(grad: torch.Tensor, xBCdt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                      dt_bias: torch.Tensor, steps: torch.Tensor, decay_sums: torch.Tensor, states: torch.Tensor,
+                      headdim: int, d_state: int, ngroups: int, chunk_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``ssd_scan`` for ``grad`` (b, l, h, p): (dxBCdt (b, l, w) contiguous, the parts' gradients where
+    the parts lie and zeros in the columns the scan does not read; dA, dD, ddt_bias), each in its input's dtype. On
+    CUDA, mamba-ssm's backward kernels given ``steps``, ``decay_sums`` and ``states`` from the forward
+    (``ssd_scan_op``), writing dx, dB, dC and ddt into their views of dxBCdt; on a CPU, the vector-Jacobian product of
+    ``ssd_reference``."""
+    sizes = (A.shape[0], headdim, d_state, ngroups)
+    if not xBCdt.is_cuda:
+        def scan(packed, A, D, dt_bias):
+            x, dt, B, C = scan_parts(packed, *sizes)
+            return ssd_reference(x, dt, A, B, C, D, dt_bias, chunk_size)
+
+        _, vjp = torch.func.vjp(scan, xBCdt, A, D, dt_bias)
         grads = vjp(grad)
     else:
-        grads = _ssd_backward_kernels(grad, *inputs, steps, decay_sums, states, chunk_size)
-    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, inputs))
+        grads = _ssd_backward_kernels(grad, xBCdt, A, D, dt_bias, steps, decay_sums, states, sizes, chunk_size)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (xBCdt, A, D, dt_bias)))
 
 
 @ssd_scan_backward.register_fake
-def _ssd_scan_backward_fake(grad, x, dt, A, B, C, D, dt_bias, steps, decay_sums, states, chunk_size):
-    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias))
+def _ssd_scan_backward_fake(grad, xBCdt, A, D, dt_bias, steps, decay_sums, states, headdim, d_state, ngroups,
+                            chunk_size):
+    return tuple(t.new_empty(t.shape) for t in (xBCdt, A, D, dt_bias))
 
 
-def _ssd_backward_kernels(grad, x, dt, A, B, C, D, dt_bias, steps, decay_sums, states, chunk_size):
+def _ssd_backward_kernels(grad, xBCdt, A, D, dt_bias, steps, decay_sums, states, sizes, chunk_size):
     """mamba-ssm's SSD backward kernels, in the order of its ``_mamba_chunk_scan_combined_bwd`` for this scan (no z,
     no initial or final states, no sequence index), but reusing the forward's ``steps``, ``decay_sums`` and
     ``states`` where mamba-ssm recomputes them (``_chunk_cumsum_fwd``, ``_chunk_state_fwd`` and
-    ``_state_passing_fwd``: about a tenth of its backward's time). The one difference in arithmetic: the chunk states
-    enter the decays' gradient as the forward stored them (C's dtype), where mamba-ssm recomputes them in float32.
-    -> (dx, ddt, dA, dB, dC, dD, ddt_bias)."""
+    ``_state_passing_fwd``: about a tenth of its backward's time), and writing dx, dB, dC and ddt into their views of
+    one tensor shaped like xBCdt (as mamba-ssm's own fused Mamba-2 backward does for its input). The one difference
+    in arithmetic: the chunk states enter the decays' gradient as the forward stored them (xBCdt's dtype), where
+    mamba-ssm recomputes them in float32. ``sizes``: (h, p, n, g). -> (dxBCdt, dA, dD, ddt_bias)."""
     ssd = _require_mamba_ssm(mamba_ssm_ssd_kernels(), "ssd_scan")
-    groups, p, n = B.shape[2], x.shape[3], B.shape[3]
+    nheads, p, n, groups = sizes
+    x, dt, B, C = scan_parts(xBCdt, *sizes)
+    dxBCdt = torch.empty(xBCdt.shape, dtype=xBCdt.dtype, device=xBCdt.device)
+    dxBCdt[..., nheads * p + 2 * groups * n + nheads:].zero_()  # the columns the scan does not read
+    dx, ddt, dB, dC = scan_parts(dxBCdt, *sizes)
     CB = ssd._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)  # (b, c, g, T, T)
     dstates = ssd._chunk_scan_bwd_dstates(C, decay_sums, grad, dtype=torch.float32)  # (b, c, h, p, n)
     dstates, ddecay_last, _, states = ssd._state_passing_bwd(states.flatten(-2), decay_sums[..., -1],
                                                              dstates.flatten(-2), dstates_dtype=x.dtype,
                                                              states_dtype=x.dtype, chunk_size=chunk_size)
     dstates, states = dstates.unflatten(-1, (p, n)), states.unflatten(-1, (p, n))
-    dx, dsteps, dD = ssd._chunk_scan_chunk_state_bwd_dx(x, steps, decay_sums, B, CB, grad, dstates, D=D)
-    dB, ddecay_next = ssd._chunk_state_bwd_db(x, steps, decay_sums, dstates, B=B, ngroups=groups)
-    dC, ddecay_prev = ssd._chunk_scan_bwd_dC(states, decay_sums, grad, C=C, ngroups=groups)
+    _, dsteps, dD = ssd._chunk_scan_chunk_state_bwd_dx(x, steps, decay_sums, B, CB, grad, dstates, D=D, dx=dx)
+    dB_states, ddecay_next = ssd._chunk_state_bwd_db(x, steps, decay_sums, dstates, B=B, ngroups=groups)
+    dC_states, ddecay_prev = ssd._chunk_scan_bwd_dC(states, decay_sums, grad, C=C, ngroups=groups)
     dCB = ssd._chunk_scan_bwd_dcb(x, steps, decay_sums, grad, ngroups=groups).to(CB.dtype)
-    dB = ssd._bmm_chunk_bwd(C, dCB, residual=dB)
-    dC = ssd._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC)
+    ssd._bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
+    ssd._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
     ddecay_prev[..., -1] += ddecay_last
     ddecay = (ssd._chunk_scan_bwd_ddAcs_stable(x, steps, decay_sums, grad, CB) + ddecay_next
               + ddecay_prev.flip(-1).cumsum(-1).flip(-1))  # (b, h, c, T)
-    ddt, dA, ddt_bias = ssd._chunk_cumsum_bwd(ddecay, dsteps, dt, A, dt_bias=dt_bias, dt_softplus=True)
-    return dx, ddt, dA, dB, dC, dD, ddt_bias
+    _, dA, ddt_bias = ssd._chunk_cumsum_bwd(ddecay, dsteps, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt)
+    return dxBCdt, dA, dD, ddt_bias
 
 
 def _ssd_scan_setup_context(ctx, inputs, output):
-    *tensors, ctx.chunk_size = inputs
+    *tensors, ctx.headdim, ctx.d_state, ctx.ngroups, ctx.chunk_size = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*tensors, *output[1:])
 
 
 def _ssd_scan_grad(ctx, grad, *_):
-    return (*ssd_scan_backward(grad.contiguous(), *ctx.saved_tensors, ctx.chunk_size), None)
+    return (*ssd_scan_backward(grad.contiguous(), *ctx.saved_tensors, ctx.headdim, ctx.d_state, ctx.ngroups,
+                               ctx.chunk_size), None, None, None, None)
 
 
 ssd_scan_op.register_autograd(_ssd_scan_grad, setup_context=_ssd_scan_setup_context)
@@ -486,7 +516,7 @@ def gather_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Te
     gathered copy; CPU: the unfused ``gathered_causal_conv1d_silu`` (a gather, then the PyTorch conv).
     """
     if not x.is_cuda:
-        return torch.cat(gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, False), dim=-1)
+        return gathered_causal_conv1d_silu(x, to_scan, to_rows, weight, bias, channels, False)
     return _require_triton("gather_conv1d_silu").gather_causal_conv1d_silu(x, to_scan, weight, bias, channels)
 
 
@@ -536,17 +566,16 @@ gather_conv1d_silu.register_autograd(_gather_conv1d_silu_grad, setup_context=_ga
 
 
 def gathered_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows: torch.Tensor, weight: torch.Tensor,
-                                bias: torch.Tensor, channels: int, fused: bool, kernel=None
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's rows (b, m, w) put into S sequences by ``to_scan`` (S * m,) (``to_rows`` (m, S) its inverse) -> (the SiLU of
-    the causal depthwise conv of their first ``channels`` columns (b * S, m, channels), the other columns
-    (b * S, m, w - channels)), in x.dtype. ``fused``: the custom op ``lit_dimba::gather_conv1d_silu`` (one Triton
-    kernel on CUDA); else a gather (``gather_rows``) and ``causal_conv1d_silu`` with ``kernel``."""
+                                bias: torch.Tensor, channels: int, fused: bool, kernel=None) -> torch.Tensor:
+    """x's rows (b, m, w) put into S sequences by ``to_scan`` (S * m,) (``to_rows`` (m, S) its inverse) -> (b * S, m,
+    w) in x.dtype: the SiLU of the causal depthwise conv of their first ``channels`` columns, then the other columns
+    as they are. ``fused``: the custom op ``lit_dimba::gather_conv1d_silu`` (one Triton kernel on CUDA); else a gather
+    (``gather_rows``), ``causal_conv1d_silu`` with ``kernel`` and a concatenation."""
     if fused:
-        out = gather_conv1d_silu(x, to_scan, to_rows, weight, bias, channels)
-        return out[..., :channels], out[..., channels:]
+        return gather_conv1d_silu(x, to_scan, to_rows, weight, bias, channels)
     sequences = gather_rows(x, to_scan, to_rows).view(-1, *x.shape[1:])
-    return causal_conv1d_silu(sequences[..., :channels], weight, bias, kernel), sequences[..., channels:]
+    return torch.cat([causal_conv1d_silu(sequences[..., :channels], weight, bias, kernel), sequences[..., channels:]],
+                     dim=-1)
 
 
 @torch.library.custom_op("lit_dimba::gather_rows", mutates_args=())
