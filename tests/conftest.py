@@ -30,7 +30,6 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same random state (torch's and Python's), whatever ran before it in its worker:
@@ -43,6 +42,7 @@ def seeded():
 
     random.seed(0)
     torch.manual_seed(0)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")

@@ -30,13 +30,18 @@ def run_script(monkeypatch, name: str, *args: str) -> None:
         sys.modules.pop("shared", None)
 
 
-def hybrid_gpu(monkeypatch):
-    """benchmarks/hybrid_gpu.py as a module (its folder on sys.path for benchmarks/shared.py)."""
+def script_module(monkeypatch, name: str) -> dict:
+    """benchmarks/<name> as a module, its globals (its folder on sys.path for benchmarks/shared.py)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     try:
-        return runpy.run_path(os.path.join(ROOT, "benchmarks", "hybrid_gpu.py"), run_name="hybrid_gpu")
+        return runpy.run_path(os.path.join(ROOT, "benchmarks", name), run_name=name.removesuffix(".py"))
     finally:
         sys.modules.pop("shared", None)
+
+
+def hybrid_gpu(monkeypatch):
+    """benchmarks/hybrid_gpu.py as a module."""
+    return script_module(monkeypatch, "hybrid_gpu.py")
 
 
 def test_training_settings_name_a_compile_mode(monkeypatch):
@@ -195,12 +200,7 @@ def test_distill_ablation_commands_parse_and_chain(tmp_path, monkeypatch, capsys
     where the test run's logger puts them (here written there by the stand-in), and the table prints them."""
     from main import main as cli
 
-    path = os.path.join(ROOT, "benchmarks", "distill_ablation.py")
-    monkeypatch.syspath_prepend(os.path.dirname(path))
-    try:
-        script = runpy.run_path(path, run_name="distill_ablation")
-    finally:
-        sys.modules.pop("shared", None)
+    script = script_module(monkeypatch, "distill_ablation.py")
     checkpoints = {os.path.join(ROOT, "runs", "demo", "checkpoints")}  # what earlier runs write, as folders
     commands = []
 
@@ -227,8 +227,8 @@ def test_distill_ablation_commands_parse_and_chain(tmp_path, monkeypatch, capsys
         return 1.0
 
     script["run_row"].__globals__["run"] = parse
-    monkeypatch.setattr(sys, "argv", [path, "--rows", "teacher", "scratch", "full", "--out", str(tmp_path),
-                                      "--mamba_kernel", "torch"])
+    monkeypatch.setattr(sys, "argv", ["distill_ablation.py", "--rows", "teacher", "scratch", "full", "--out",
+                                      str(tmp_path), "--mamba_kernel", "torch"])
     capsys.readouterr()
     script["main"]()
     table = capsys.readouterr().out
