@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from lit_dimba.errors import ConfigError
 from lit_dimba.models.mamba import Mamba2, Scan2D
-from lit_dimba.models.mamba_ops import ssd_chunked, ssd_naive
+from lit_dimba.models import mamba_ops
+from lit_dimba.models.mamba_ops import causal_conv1d_reference, ssd_chunked, ssd_naive
 
 SMALL = dict(d_state=8, headdim=8, chunk_size=4)  # d_model 16 -> d_inner 32, 4 heads
 
@@ -97,6 +98,51 @@ def test_backward_gives_finite_nonzero_grads():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+class ChannelLastConv(torch.autograd.Function):
+    """causal-conv1d's conv with SiLU as its CUDA kernel checks its arguments: x and the output's gradient dout, (b,
+    d, l) read channel-last, must have batch and step strides that are multiples of 8."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        assert x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, x.stride()
+        ctx.save_for_backward(x, weight, bias)
+        return causal_conv1d_reference(x.transpose(1, 2), weight, bias).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if dout.stride(1) == 1 and (dout.stride(0) % 8 or dout.stride(2) % 8):
+            raise RuntimeError(f"causal_conv1d with channel last layout requires strides (dout.stride(0) and "
+                               f"dout.stride(2)) to be multiples of 8, got {dout.stride()}")
+        x, weight, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+            out = causal_conv1d_reference(x.transpose(1, 2), weight, bias).transpose(1, 2)
+            return torch.autograd.grad(out, (x, weight, bias), dout)
+
+
+def test_mamba2_conv_gradient_has_the_strides_causal_conv1d_takes(monkeypatch):
+    """With causal-conv1d's kernel (here a CPU stand-in that checks strides as the CUDA kernel does), the conv's output
+    gradient reaches its backward with row strides that are multiples of 8, although conv_dim + nheads (52) is not
+    one; outputs and gradients equal the PyTorch conv's. (mamba-ssm's check failed this way on an H200 when the conv's
+    output was concatenated with dt alone.)"""
+    monkeypatch.setattr(mamba_ops, "_conv_kernel_takes",
+                        lambda x, weight: x.stride(2) == 1 and x.shape[2] % 8 == 0 and x.stride(0) % 8 == 0
+                        and x.stride(1) % 8 == 0)
+    torch.manual_seed(0)
+    ours = Mamba2(16, kernel="torch", **SMALL).double()
+    with_kernel = Mamba2(16, kernel="torch", **SMALL).double()
+    with_kernel.load_state_dict(ours.state_dict())
+    with_kernel._conv_kernel = lambda x, weight, bias, activation: ChannelLastConv.apply(x, weight, bias)
+    assert (ours.conv_dim + ours.nheads) % 8
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    outputs = [m(x) for m in (ours, with_kernel)]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    weights = torch.randn_like(x)
+    for a, b in zip(*(torch.autograd.grad((out * weights).sum(), m.parameters())
+                      for out, m in zip(outputs, (ours, with_kernel)))):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("d_model,d_state,headdim,expand,ngroups,d_conv",

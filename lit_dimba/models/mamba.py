@@ -186,7 +186,9 @@ class Mamba2(nn.Module):
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if to_scan is None:
             xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel)
-            return torch.cat([xBC, xBCdt[..., self.conv_dim: self.conv_dim + self.nheads]], dim=-1)
+            # dt and the pad columns after it: the result keeps xBCdt's padded width, so the gradient of xBC, a view
+            # of the result's, has row strides causal-conv1d's backward takes (multiples of 8)
+            return torch.cat([xBC, xBCdt[..., self.conv_dim:]], dim=-1)
         return gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim, self.fused(xBCdt),
                                            self._conv_kernel)
 
