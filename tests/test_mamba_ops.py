@@ -232,7 +232,7 @@ def test_scan2d_triton_kernels_compile_for_hopper(dtype):
                                          scan2d_kernels.WARPS),
         scan2d_kernels._conv_rows_grad: (dict(S=2, K=4, BLOCK_L=scan2d_kernels.ROWS_BLOCK_L,
                                               BLOCK_D=scan2d_kernels.ROWS_BLOCK_D),
-                                         scan2d_kernels.WARPS),
+                                         scan2d_kernels.ROWS_WARPS),
         scan2d_kernels._gated_rms_norm_rows: (norm_constexprs, norm["num_warps"]),
         scan2d_kernels._gated_rms_norm_rows_backward: (norm_constexprs, norm["num_warps"]),
     }

@@ -247,12 +247,15 @@ def _conv_rows_grad(GRAD, DPRE, X, INDEX, ROWS, W, DX, PARTIAL, stride_x, length
              mask=in_block[:, None] & in_row[None, :])
 
 
-# The conv's tile, steps x columns (and warps): the best of a sweep of 32/64/128 x 64/128/256 on an H200 (torch 2.11,
-# Triton 3.6) at t2md's widths, for 4,096 and 16,384 steps alike.
-BLOCK_L, BLOCK_D, WARPS = 32, 128, 4
-# The backward's second pass (_conv_rows_grad) has a tile of its own: at t2md's 512^2 batch-16 and 2048^2 shapes on an
-# H200, 64 x 64 took 361 and 366 us per layer, 32 x 128 485 and 494, 64 x 128 370 and 375 (2026-11-30).
-ROWS_BLOCK_L, ROWS_BLOCK_D = 64, 64
+# The conv's tile, steps x columns, and warps, forward and the backward's first pass: the best shared setting of a sweep
+# on an H200 (torch 2.11, Triton 3.6) at t2md's 512^2 batch-32 and 2048^2 batch-2 training shapes, per layer: 16 x 128
+# on 2 warps took 318 and 342 us forward, 359 and 389 backward, against 330, 351, 446 and 491 for 32 x 128 on 4 warps
+# (2026-11-30).
+BLOCK_L, BLOCK_D, WARPS = 16, 128, 2
+# The backward's second pass (_conv_rows_grad) has a setting of its own. On one warp its per-program partial sums of
+# dweight and dbias are reductions within the warp (shuffles, no shared memory and barriers): 32 x 64 on 1 warp took 393
+# and 403 us per layer at those shapes, 64 x 64 on 4 warps 705 and 716, 16 x 64 on 1 warp 458 and 468 (2026-11-30).
+ROWS_BLOCK_L, ROWS_BLOCK_D, ROWS_WARPS = 32, 64, 1
 
 
 def gather_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -310,6 +313,6 @@ def gather_causal_conv1d_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_s
             BLOCK_D=BLOCK_D, num_warps=WARPS)
         _conv_rows_grad[(blocks, triton.cdiv(w, ROWS_BLOCK_D), b)](
             grad, dpre, x, to_scan, to_rows.contiguous(), applied, dx, partial, x.stride(1), m, w, channels, S=S, K=k,
-            BLOCK_L=ROWS_BLOCK_L, BLOCK_D=ROWS_BLOCK_D, num_warps=WARPS)
+            BLOCK_L=ROWS_BLOCK_L, BLOCK_D=ROWS_BLOCK_D, num_warps=ROWS_WARPS)
     sums = partial.sum((0, 1))  # (k + 1, channels)
     return dx, sums[:k].t().contiguous().to(weight.dtype), sums[k].to(bias.dtype)
