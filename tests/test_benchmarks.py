@@ -143,7 +143,7 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
                "distill", "--checks", "scan2d", "mlp", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
                "128x64", "--modes", "eager", "--iters", "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup",
-               "1", "--steps", "1", "--compile", "false", "--results", str(results))
+               "1", "--steps", "1", "--compile", "false", "--isolate", "--results", str(results))
     rows = json.loads(results.read_text())
     # --checks: the Scan2D rows (fp32, bf16) and the MLP's, nothing of the other sections
     checks = [r["comparison"] for r in rows["check"]]
@@ -153,10 +153,10 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
     assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
-    (train,) = rows["train"]
+    (train,) = rows["train"]  # trained in a process of its own (--isolate), its row passed back
     assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
     assert train["tflops"] > 0  # FLOPs were counted
-    assert train["compile"] is False  # --compile reached the module (YAML: false)
+    assert train["compile"] is False  # --compile reached the module (YAML: false), through the child's command line
     stages = {r["stage"]: r for r in rows["distill"]}
     assert set(stages) == {"forcing", "kd"} and all(r["images_per_sec"] > 0 for r in stages.values())
     # forcing trains the Mamba mixers only; kd trains every token mixer (attention too)
