@@ -30,7 +30,7 @@ Parts (``--parts``, default all but ``train_profile``; they run in the order giv
            optimizer, copies) and the top kernels, per step, next to the step's wall time; how long the GPU idles
            between kernels, in how many gaps, and the longest gaps with the kernels around them.
   distill  ``DistillModule`` (dit-xl/2 teacher with random weights -> t2md) stages ``forcing`` and ``kd`` the same
-           way, for each ``--distill`` setting.
+           way (each in a fresh process on CUDA), for each ``--distill`` setting.
 
 Warm-up: every compiled graph, Triton autotuning and CUDA graph is built before anything is timed.
 
@@ -610,24 +610,29 @@ def training_setting(setting: str, compile_setting) -> tuple[str, int, int, obje
     return preset, resolution, batch, {"mode": mode[0]} if mode else compile_setting
 
 
-def train_in_own_process(setting: str, args) -> dict:
-    """The ``train`` part for one setting in a fresh process of this script (``--isolate``): its result row."""
+def isolated(args) -> bool:
+    """Whether the train and distill parts run each measurement in a process of its own (``--isolate``)."""
+    return args.device == "cuda" if args.isolate is None else args.isolate
+
+
+def in_own_process(part: str, selection: list[str], args) -> dict:
+    """One measurement of ``part`` (``train`` or ``distill``) in a fresh process of this script, the setting picked by
+    the arguments ``selection`` (e.g. ``["--train", "t2md:512x32"]``) and the rest of ``args``: its result row."""
     with tempfile.TemporaryDirectory() as folder:
         results = os.path.join(folder, "results.json")
-        command = [sys.executable, os.path.abspath(__file__), "--parts", "train", "--train", setting, "--no-isolate",
+        command = [sys.executable, os.path.abspath(__file__), "--parts", part, *selection, "--no-isolate",
                    "--device", args.device, "--compile", json.dumps(args.compile), "--warmup", str(args.warmup),
                    "--steps", str(args.steps), "--results", results, *(["--tiny"] if args.tiny else [])]
         subprocess.run(command, check=True)
         with open(results) as f:
-            rows = json.load(f).get("train", [])
+            rows = json.load(f).get(part, [])
     if len(rows) != 1 or "error" in rows[0]:
-        raise RuntimeError(f"the process that trained {setting} measured nothing: {rows}")
+        raise RuntimeError(f"the {part} process for {' '.join(selection)} measured nothing: {rows}")
     return rows[0]
 
 
 def train(args) -> str:
     rows = []
-    isolate = args.device == "cuda" if args.isolate is None else args.isolate
     with tempfile.TemporaryDirectory() as folder:
         for setting in args.train:
             preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
@@ -635,8 +640,8 @@ def train(args) -> str:
                 resolution = 64
 
             def run():
-                if isolate:
-                    return train_in_own_process(setting, args)
+                if isolated(args):
+                    return in_own_process("train", ["--train", setting], args)
                 module = diffusion_module(preset, args.tiny, compile_setting, gradient_checkpointing=resolution >= 2048)
                 return fit_speed(module, f"{preset}-{resolution}", resolution, batch, args, folder)
 
@@ -751,13 +756,16 @@ def distill(args) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         teacher_path = os.path.join(folder, "teacher.safetensors")
-        save_file(build("dit-xl/2", args.tiny).state_dict(), teacher_path)
+        if not isolated(args):  # else each stage's process saves its own
+            save_file(build("dit-xl/2", args.tiny).state_dict(), teacher_path)
         for setting in args.distill:
             resolution, batch = (int(v) for v in setting.split("x"))
             if args.tiny:
                 resolution = 64
             for stage in args.stages:
                 def run():
+                    if isolated(args):
+                        return in_own_process("distill", ["--distill", setting, "--stages", stage], args)
                     student = build("t2md", args.tiny, gradient_checkpointing=resolution >= 2048)
                     module = DistillModule(student, build("dit-xl/2", args.tiny), teacher_path,
                                            *stand_ins(student, args.tiny), stage=stage, optimizer=adamw,
@@ -801,9 +809,10 @@ def main():
                         help="PRESET:RESOLUTIONxBATCH[:MODE]; MODE, a torch.compile mode (e.g. reduce-overhead), "
                              "overrides --compile for that run. The default: each backbone at its best setting")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                        help="the train part runs each --train setting in a fresh process of this script (default: "
-                             "with --device cuda). In one process a run after another can be slower: on one H200, t2md "
-                             "at 512^2 trained at 56.75 images/s after dit-xl/2 and at 58.97 before it")
+                        help="the train and distill parts run each setting (and stage) in a fresh process of this "
+                             "script (default: with --device cuda). In one process a run after another can be slower: "
+                             "on one H200, t2md at 512^2 trained at 56.75 images/s after dit-xl/2 and at 58.97 before "
+                             "it")
     parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x32:reduce-overhead"],
                         help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part; CUDA only)")
     parser.add_argument("--compile", type=yaml.safe_load, default="auto",

@@ -153,7 +153,7 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
     assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
-    (train,) = rows["train"]  # trained in a process of its own (--isolate), its row passed back
+    (train,) = rows["train"]  # trained in a process of its own (--isolate), as each distillation stage, rows passed back
     assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
     assert train["tflops"] > 0  # FLOPs were counted
     assert train["compile"] is False  # --compile reached the module (YAML: false), through the child's command line
