@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_dimba.errors import ConfigError
-from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu, gated_rms_norm,
-                                        gathered_causal_conv1d_silu, mamba_ssm_ssd_kernels, scan2d_kernels,
-                                        scan_parts, ssd_reference, ssd_scan)
+from lit_dimba.models.mamba_ops import (at_least_fp32, causal_conv1d_kernel, causal_conv1d_silu_columns,
+                                        gated_rms_norm, gathered_causal_conv1d_silu, mamba_ssm_ssd_kernels,
+                                        scan2d_kernels, scan_parts, ssd_reference, ssd_scan)
 
 KERNELS = ("auto", "torch", "mamba_ssm")
 GEMM_MULTIPLE = 64  # in_proj's output width is padded to this, so its rows stay aligned for Hopper's GEMM kernels
@@ -180,15 +180,13 @@ class Mamba2(nn.Module):
         """The causal conv and SiLU of the conv channels, causal in l: xBCdt (b, l, >= conv_dim + nheads), the conv
         channels then the raw steps dt, as ``in_projection`` gives them -> (b', l, >= conv_dim + nheads): x, B and C
         after the conv, then dt as it was (what ``scan`` takes). Without ``to_scan``, along l as given (b' = b; the
-        conv's output and dt concatenated); with it, along S sequences of xBCdt's rows (``to_scan`` (S * l,),
-        ``to_rows`` (l, S), see ``scan_gathers``; b' = b * S), which on CUDA one Triton kernel reads in place and
-        writes in one tensor with the columns after the conv's (``mamba_ops.gathered_causal_conv1d_silu``)."""
+        conv's output and xBCdt's other columns concatenated, ``mamba_ops.causal_conv1d_silu_columns``); with it,
+        along S sequences of xBCdt's rows (``to_scan`` (S * l,), ``to_rows`` (l, S), see ``scan_gathers``; b' = b *
+        S), which on CUDA one Triton kernel reads in place and writes in one tensor with the columns after the conv's
+        (``mamba_ops.gathered_causal_conv1d_silu``)."""
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if to_scan is None:
-            xBC = causal_conv1d_silu(xBCdt[..., : self.conv_dim], weight, bias, self._conv_kernel)
-            # dt and the pad columns after it: the result keeps xBCdt's padded width, so the gradient of xBC, a view
-            # of the result's, has row strides causal-conv1d's backward takes (multiples of 8)
-            return torch.cat([xBC, xBCdt[..., self.conv_dim:]], dim=-1)
+            return causal_conv1d_silu_columns(xBCdt, weight, bias, self.conv_dim, self._conv_kernel)
         return gathered_causal_conv1d_silu(xBCdt, to_scan, to_rows, weight, bias, self.conv_dim, self.fused(xBCdt),
                                            self._conv_kernel)
 

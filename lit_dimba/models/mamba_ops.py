@@ -300,6 +300,14 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return causal_conv1d_reference(x, weight, bias)
 
 
+def causal_conv1d_silu_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int,
+                               kernel=None) -> torch.Tensor:
+    """x (b, l, w) -> (b, l, w): ``causal_conv1d_silu`` of the first ``channels`` columns, then the other columns as
+    they are, concatenated. The result keeps x's width (Mamba-2's padded in_proj width), so the conv output's
+    gradient, a view of the result's, has the row strides causal-conv1d's backward takes (multiples of 8)."""
+    return torch.cat([causal_conv1d_silu(x[..., :channels], weight, bias, kernel), x[..., channels:]], dim=-1)
+
+
 def scan_parts(xBCdt: torch.Tensor, nheads: int, headdim: int, d_state: int, ngroups: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scan's inputs as views of one packed tensor, the conv's output as Mamba-2 lays it out: xBCdt (b, l, w)
@@ -570,12 +578,11 @@ def gathered_causal_conv1d_silu(x: torch.Tensor, to_scan: torch.Tensor, to_rows:
     """x's rows (b, m, w) put into S sequences by ``to_scan`` (S * m,) (``to_rows`` (m, S) its inverse) -> (b * S, m,
     w) in x.dtype: the SiLU of the causal depthwise conv of their first ``channels`` columns, then the other columns
     as they are. ``fused``: the custom op ``lit_dimba::gather_conv1d_silu`` (one Triton kernel on CUDA); else a gather
-    (``gather_rows``), ``causal_conv1d_silu`` with ``kernel`` and a concatenation."""
+    (``gather_rows``), then ``causal_conv1d_silu_columns`` with ``kernel``."""
     if fused:
         return gather_conv1d_silu(x, to_scan, to_rows, weight, bias, channels)
     sequences = gather_rows(x, to_scan, to_rows).view(-1, *x.shape[1:])
-    return torch.cat([causal_conv1d_silu(sequences[..., :channels], weight, bias, kernel), sequences[..., channels:]],
-                     dim=-1)
+    return causal_conv1d_silu_columns(sequences, weight, bias, channels, kernel)
 
 
 @torch.library.custom_op("lit_dimba::gather_rows", mutates_args=())
