@@ -77,6 +77,39 @@ def test_compiled_released_dimba_equals_eager():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_compiled_blocks_write_mixer_io_only_for_distillation():
+    """Training without distillation does not ask for the blocks' mixer inputs and outputs, so their compiled graphs
+    do not compute them as outputs (a float32 copy of each mixer input, an extra write per block); with
+    ``return_mixer_io`` the same blocks give them, equal to the eager ones. Graph outputs counted by a backend
+    that records each graph Dynamo hands it."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager = randomised(tiny_backbone("t2md", layout=["attn", "mamba_h"], gradient_checkpointing=False))
+    compiled = randomised(tiny_backbone("t2md", layout=["attn", "mamba_h"], gradient_checkpointing=False))
+    compiled.compile_blocks(backend=recording)
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([3, 700])
+    y, mask = torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool)
+
+    def outputs_per_block(**kwargs) -> list[int]:
+        graphs.clear()
+        compiled(x, t, y, mask, **kwargs)
+        blocks = [gm for gm in graphs if any("mixer" in n.name for n in gm.graph.nodes if n.op == "placeholder")]
+        return [len(next(n for n in gm.graph.nodes if n.op == "output").args[0]) for gm in blocks]
+
+    assert outputs_per_block() == [1, 1]  # x only, per block kind
+    assert outputs_per_block(return_mixer_io=True) == [3, 3]  # x, mixer input, mixer output
+    _, io_compiled = compiled(x, t, y, mask, return_mixer_io=True)
+    _, io_eager = eager(x, t, y, mask, return_mixer_io=True)
+    for got, expected in zip(io_compiled, io_eager):
+        for a, b in zip(got, expected):
+            assert (a - b).norm() <= 1e-5 * b.norm()
+
+
 @pytest.mark.slow
 def test_compile_option_through_fit_test_predict(in_tmp):
     """The blocks are compiled (here with the aot_eager backend, which traces as inductor does but generates no

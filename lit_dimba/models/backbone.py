@@ -154,8 +154,10 @@ class Block(nn.Module):
 
     x (B, N, C), t6 (B, 6C) from the shared time MLP, y (B, L, C) projected text, mask (B, L) bool,
     grid (h, w) with h * w = N, residual: the separate residual stream of ``BiMambaBlock`` (passed on unchanged)
-    -> (x (B, N, C), residual, mixer input (B, N, C), mixer output (B, N, C)). The mixer input is after norm and
-    modulation, the output before the gate: the pair distillation matches.
+    -> (x (B, N, C), residual, mixer_io): with ``return_mixer_io`` mixer_io is (mixer input (B, N, C), mixer output
+    (B, N, C)), the input after norm and modulation, the output before the gate: the pair distillation matches;
+    otherwise None, so that a compiled block does not write them (the input would be a float32 copy of what the
+    mixer reads in bf16).
 
     ``mixer_only``: x is a mixer input (B, N, C) and only the token mixer runs (-> (B, N, C); t6, y and mask are
     unused). Teacher forcing calls the block this way rather than ``block.mixer``, so that wrappers around the
@@ -171,7 +173,7 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, t6, y, mask, grid, residual=None, mixer_only: bool = False):
+    def forward(self, x, t6, y, mask, grid, residual=None, return_mixer_io: bool = False, mixer_only: bool = False):
         if mixer_only:
             return self.mixer(x, grid)
         B, _, C = x.shape
@@ -183,7 +185,7 @@ class Block(nn.Module):
         x = x + gate_msa * mixer_out
         x = x + self.cross_attn(x, y, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x, residual, mixer_in, mixer_out
+        return x, residual, (mixer_in, mixer_out) if return_mixer_io else None
 
 
 class MambaLayer(nn.Module):
@@ -191,7 +193,7 @@ class MambaLayer(nn.Module):
     scan, no time or text conditioning (the ``dimba-mamba2-l/2`` backbone). Same call signature as ``Block`` (the
     conditioning inputs are unused, the residual stream is passed on).
 
-    x (B, N, C), grid (h, w) -> (x, residual, mixer input, mixer output), x and the mixer's each (B, N, C).
+    x (B, N, C), grid (h, w) -> (x, residual, mixer_io), x (B, N, C), mixer_io as ``Block``'s.
     """
 
     def __init__(self, hidden_size: int, mamba: MambaConfig):
@@ -199,10 +201,10 @@ class MambaLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mixer = mamba.scan(hidden_size, "w")
 
-    def forward(self, x, t6, y, mask, grid, residual=None):
+    def forward(self, x, t6, y, mask, grid, residual=None, return_mixer_io: bool = False):
         mixer_in = self.norm(x)
         mixer_out = self.mixer(mixer_in, grid)
-        return x + mixer_out, residual, mixer_in, mixer_out
+        return x + mixer_out, residual, (mixer_in, mixer_out) if return_mixer_io else None
 
 
 class BiMambaBlock(nn.Module):
@@ -220,7 +222,7 @@ class BiMambaBlock(nn.Module):
     kernel, ``mamba_ssm/ops/triton/layernorm.py``). Tensor names: ``mixer.*`` (``BiMamba``), ``norm.weight``.
 
     x (B, N, C), residual (B, N, C) float32 or None (the first Mamba block) -> (mixer output (B, N, C): the new x,
-    residual (B, N, C) float32, mixer input (B, N, C), mixer output).
+    residual (B, N, C) float32, mixer_io as ``Block``'s).
     """
 
     def __init__(self, hidden_size: int, mamba1: Mamba1Config):
@@ -228,12 +230,12 @@ class BiMambaBlock(nn.Module):
         self.mixer = mamba1.mixer(hidden_size)
         self.norm = nn.RMSNorm(hidden_size, eps=1e-5)
 
-    def forward(self, x, t6, y, mask, grid, residual=None):
+    def forward(self, x, t6, y, mask, grid, residual=None, return_mixer_io: bool = False):
         residual = at_least_fp32(x) if residual is None else residual + x
         norm = self.norm
         mixer_in = F.rms_norm(residual, norm.normalized_shape, at_least_fp32(norm.weight), norm.eps).to(x.dtype)
         mixer_out = self.mixer(mixer_in)
-        return mixer_out, residual, mixer_in, mixer_out
+        return mixer_out, residual, (mixer_in, mixer_out) if return_mixer_io else None
 
 
 # The blocks that may follow a PixArt block (``Backbone.after_each_block``), by layout name: (hidden_size, Mamba-2
@@ -523,11 +525,11 @@ class Backbone(nn.Module):
         residual = None  # the released Dimba's separate residual stream (``BiMambaBlock``); the others pass it on
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, residual, mixer_in, mixer_out = checkpoint(block, x, t6, y, mask, grid, residual,
-                                                              use_reentrant=False)
+                x, residual, io = checkpoint(block, x, t6, y, mask, grid, residual, return_mixer_io,
+                                             use_reentrant=False)
             else:
-                x, residual, mixer_in, mixer_out = block(x, t6, y, mask, grid, residual)
-            if return_mixer_io:  # otherwise let go of them: at 4096^2 they would hold gigabytes in inference
-                mixer_io.append((mixer_in, mixer_out))
+                x, residual, io = block(x, t6, y, mask, grid, residual, return_mixer_io)
+            if return_mixer_io:
+                mixer_io.append(io)
         out = self.unpatchify(self.final_layer(x, t_emb), grid)
         return (out, mixer_io) if return_mixer_io else out
