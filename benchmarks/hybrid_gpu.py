@@ -25,10 +25,11 @@ Parts (``--parts``, default all but ``train_profile``; they run in the order giv
            checkpointing from 2048^2. On CUDA each setting trains in a fresh process (``--isolate``), so no run
            inherits another's memory and compiled state.
   train_profile
-           where the GPU time of a training step goes (``--train_profile`` settings, CUDA only): kernel families
-           (GEMMs, attention, the SSD scan, the conv and norm along scan orders, Inductor's fused kernels,
-           optimizer, copies) and the top kernels, per step, next to the step's wall time; how long the GPU idles
-           between kernels, in how many gaps, and the longest gaps with the kernels around them.
+           where the GPU time of a training step goes (``--train_profile`` settings, each in a fresh process on
+           CUDA): kernel families (GEMMs, attention, the SSD scan, the conv and norm along scan orders, Inductor's
+           fused kernels, optimizer, copies) and the top kernels, per step, next to the step's wall time; how long
+           the GPU idles between kernels, in how many gaps, and the longest gaps with the kernels around them (on a
+           CPU: the CPU ops).
   distill  ``DistillModule`` (dit-xl/2 teacher with random weights -> t2md) stages ``forcing`` and ``kd`` the same
            way (each in a fresh process on CUDA), for each ``--distill`` setting.
 
@@ -611,12 +612,13 @@ def training_setting(setting: str, compile_setting) -> tuple[str, int, int, obje
 
 
 def isolated(args) -> bool:
-    """Whether the train and distill parts run each measurement in a process of its own (``--isolate``)."""
+    """Whether the train, train_profile and distill parts run each measurement in a process of its own
+    (``--isolate``)."""
     return args.device == "cuda" if args.isolate is None else args.isolate
 
 
 def in_own_process(part: str, selection: list[str], args) -> dict:
-    """One measurement of ``part`` (``train`` or ``distill``) in a fresh process of this script, the setting picked by
+    """One measurement of ``part`` (``train``, ``train_profile`` or ``distill``) in a fresh process of this script, the setting picked by
     the arguments ``selection`` (e.g. ``["--train", "t2md:512x32"]``) and the rest of ``args``: its result row."""
     with tempfile.TemporaryDirectory() as folder:
         results = os.path.join(folder, "results.json")
@@ -681,73 +683,94 @@ def kernel_family(name: str) -> str:
 
 
 class ProfileSteps(L.Callback):
-    """torch.profiler over ``count`` training steps (forward, backward and optimizer) after ``start`` untimed ones."""
+    """torch.profiler over ``count`` training steps (forward, backward and optimizer) after ``start`` untimed ones;
+    ``done`` once they ran."""
 
     def __init__(self, start: int, count: int):
         self.start, self.count = start, count
         self.profiler = None
         self.wall = 0.0
+        self.done = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.start:
-            torch.cuda.synchronize()
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            device = pl_module.device.type
+            sync(device)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
             self.wall = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.start + self.count - 1:
-            torch.cuda.synchronize()
+            sync(pl_module.device.type)
             self.wall = time.perf_counter() - self.wall
             self.profiler.stop()
+            self.done = True
+
+
+def profile_training(setting: str, args) -> dict:
+    """Profile three training steps (at most ``--steps``) of one ``--train_profile`` setting after ``--warmup`` ones
+    (the ``train`` part's module and Trainer): its row, with the step's wall time, kernel families, top kernels and idle gaps per step (the
+    GPU's kernels on CUDA, the CPU ops elsewhere)."""
+    preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
+    if args.tiny:
+        resolution = 64
+    steps = min(3, args.steps)
+    profiler = ProfileSteps(args.warmup, steps)
+    module = diffusion_module(preset, args.tiny, compile_setting, gradient_checkpointing=resolution >= 2048)
+    with tempfile.TemporaryDirectory() as folder:
+        fit_speed(module, f"profile-{preset}-{resolution}", resolution, batch, args, folder, callbacks=[profiler])
+    if not profiler.done:
+        raise RuntimeError(f"{setting}: the profiled steps did not run (warm-up {args.warmup}, steps {steps})")
+    kernels = kernel_times(profiler.profiler, args.device, steps)  # per step
+    families: dict[str, float] = {}
+    for name, _, ms in kernels:
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + ms
+    window, busy, gaps = gpu_gaps(kernel_intervals(profiler.profiler, args.device))
+    idle = {"window_ms": window / steps, "busy_ms": busy / steps, "gaps_per_step": len(gaps) / steps,
+            "gaps_over_50us_ms": sum(ms for ms, *_ in gaps if ms > 0.05) / steps,
+            "longest": [[round(ms, 3), before[:200], after[:200]] for ms, before, after in gaps[:8]]}
+    return {"setting": setting, "wall_ms": 1000 * profiler.wall / steps, "kernel_ms": sum(ms for _, _, ms in kernels),
+            "families": families, "idle": idle, "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]}
+
+
+def profile_text(row: dict) -> str:
+    """A ``profile_training`` row as text: a summary line, then tables of kernel families, top kernels and the
+    longest idle gaps."""
+    idle, total = row["idle"], row["kernel_ms"]
+    families = [[family, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
+                for family, ms in sorted(row["families"].items(), key=lambda item: -item[1])]
+    top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in row["top"]]
+    longest = [[f"{ms:.3f}", before[:160], after[:160]] for ms, before, after in idle["longest"]]
+    return (f"{row['setting']}: {row['wall_ms']:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels; the "
+            f"device busy {idle['busy_ms']:.1f} of {idle['window_ms']:.1f} ms per step, idle in "
+            f"{idle['gaps_per_step']:.0f} gaps ({idle['gaps_over_50us_ms']:.1f} ms in those over 50 us)\n"
+            + table(["family", "ms per step", "share"], families) + "\n\n"
+            + table(["kernel", "calls", "ms"], top) + "\n\n"
+            + table(["longest idle gap, ms", "after kernel", "before kernel"], longest))
 
 
 def train_profile(args) -> str:
-    """Where a training step's GPU time goes: kernel families and the top kernels, per step, for each
-    ``--train_profile`` setting (the ``train`` part's module and Trainer)."""
-    if args.device != "cuda":
-        return "train_profile: CUDA only"
+    """Where a training step's time goes, for each ``--train_profile`` setting (each in a process of its own with
+    ``--isolate``): ``profile_training``'s rows, as text."""
     out = []
-    with tempfile.TemporaryDirectory() as folder:
-        for setting in args.train_profile:
-            preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
-            steps = 3
-            profiler = ProfileSteps(args.warmup, steps)
+    for setting in args.train_profile:
+        def run():
+            if isolated(args):
+                return in_own_process("train_profile", ["--train_profile", setting], args)
+            return profile_training(setting, args)
 
-            def run():
-                module = diffusion_module(preset, args.tiny, compile_setting, gradient_checkpointing=resolution >= 2048)
-                return fit_speed(module, f"profile-{preset}-{resolution}", resolution, batch, args, folder,
-                                 callbacks=[profiler])
-
-            if guarded("train_profile", setting, run) is None or profiler.profiler is None:
-                continue
-            kernels = kernel_times(profiler.profiler, "cuda", steps)  # per step
-            total = sum(ms for _, _, ms in kernels)
-            families: dict[str, float] = {}
-            for name, _, ms in kernels:
-                family = kernel_family(name)
-                families[family] = families.get(family, 0.0) + ms
-            wall = 1000 * profiler.wall / steps
-            window, busy, gaps = gpu_gaps(kernel_intervals(profiler.profiler, "cuda"))
-            long_gaps = sum(ms for ms, *_ in gaps if ms > 0.05)
-            idle = {"window_ms": window / steps, "busy_ms": busy / steps, "gaps_per_step": len(gaps) / steps,
-                    "gaps_over_50us_ms": long_gaps / steps,
-                    "longest": [[round(ms, 3), before[:200], after[:200]] for ms, before, after in gaps[:8]]}
-            record("train_profile", {"setting": setting, "wall_ms": wall, "kernel_ms": total, "families": families,
-                                     "idle": idle,
-                                     "top": [[name[:120], calls, ms] for name, calls, ms in kernels[:25]]})
-            rows = [[f, f"{ms:.1f}", f"{100 * ms / total:.1f}%"]
-                    for f, ms in sorted(families.items(), key=lambda item: -item[1])]
-            top = [[name[:100], calls, f"{ms:.2f}"] for name, calls, ms in kernels[:25]]
-            longest = [[f"{ms:.3f}", before[:160], after[:160]] for ms, before, after in gaps[:8]]
-            out.append(f"{setting}: {wall:.1f} ms per step (wall, profiled), {total:.1f} ms of kernels; the GPU busy "
-                       f"{idle['busy_ms']:.1f} of {idle['window_ms']:.1f} ms per step, idle in "
-                       f"{idle['gaps_per_step']:.0f} gaps ({idle['gaps_over_50us_ms']:.1f} ms in those over 50 us)\n"
-                       + table(["family", "ms per step", "share"], rows) + "\n\n"
-                       + table(["kernel", "calls", "ms"], top) + "\n\n"
-                       + table(["longest idle gap, ms", "after kernel", "before kernel"], longest))
-            print(out[-1], flush=True)
+        row = guarded("train_profile", setting, run)
+        if row is None:
+            continue
+        record("train_profile", row)
+        out.append(profile_text(row))
+        print(out[-1], flush=True)
+        if args.device == "cuda":
             torch.cuda.empty_cache()
     return "\n\n".join(out)
 
@@ -809,12 +832,12 @@ def main():
                         help="PRESET:RESOLUTIONxBATCH[:MODE]; MODE, a torch.compile mode (e.g. reduce-overhead), "
                              "overrides --compile for that run. The default: each backbone at its best setting")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                        help="the train and distill parts run each setting (and stage) in a fresh process of this "
-                             "script (default: with --device cuda). In one process a run after another can be slower: "
+                        help="the train, train_profile and distill parts run each setting (and stage) in a fresh "
+                             "process of this script (default: with --device cuda). In one process a run after another can be slower: "
                              "on one H200, t2md at 512^2 trained at 56.75 images/s after dit-xl/2 and at 58.97 before "
                              "it")
     parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x32:reduce-overhead"],
-                        help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part; CUDA only)")
+                        help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part)")
     parser.add_argument("--compile", type=yaml.safe_load, default="auto",
                         help="the LightningModules' compile setting in train, train_profile and distill: auto, true, "
                              "false or a dict of torch.compile options, e.g. '{mode: max-autotune-no-cudagraphs}'")

@@ -141,9 +141,10 @@ def test_train_profile_sorts_kernels_into_families(monkeypatch):
 def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
     run_script(monkeypatch, "hybrid_gpu.py", "--device", "cpu", "--tiny", "--parts", "check", "latency", "train",
-               "distill", "--checks", "scan2d", "mlp", "--presets", "dit-xl/2", "t2md", "dimba-l/2", "--sizes", "64",
-               "128x64", "--modes", "eager", "--iters", "1", "--train", "t2md:64x2", "--distill", "64x2", "--warmup",
-               "1", "--steps", "1", "--compile", "false", "--isolate", "--results", str(results))
+               "train_profile", "distill", "--checks", "scan2d", "mlp", "--presets", "dit-xl/2", "t2md", "dimba-l/2",
+               "--sizes", "64", "128x64", "--modes", "eager", "--iters", "1", "--train", "t2md:64x2",
+               "--train_profile", "dit-xl/2:64x2", "--distill", "64x2", "--warmup", "1", "--steps", "1", "--compile",
+               "false", "--isolate", "--results", str(results))
     rows = json.loads(results.read_text())
     # --checks: the Scan2D rows (fp32, bf16) and the MLP's, nothing of the other sections
     checks = [r["comparison"] for r in rows["check"]]
@@ -157,6 +158,10 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
     assert train["tflops"] > 0  # FLOPs were counted
     assert train["compile"] is False  # --compile reached the module (YAML: false), through the child's command line
+    (profile,) = rows["train_profile"]  # profiled in a process of its own too (on a CPU: the CPU ops)
+    assert profile["setting"] == "dit-xl/2:64x2" and profile["wall_ms"] > 0 and profile["top"]
+    assert profile["kernel_ms"] == pytest.approx(sum(profile["families"].values()))
+    assert 0 < profile["idle"]["busy_ms"] <= profile["idle"]["window_ms"]
     stages = {r["stage"]: r for r in rows["distill"]}
     assert set(stages) == {"forcing", "kd"} and all(r["images_per_sec"] > 0 for r in stages.values())
     # forcing trains the Mamba mixers only; kd trains every token mixer (attention too)
