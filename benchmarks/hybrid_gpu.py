@@ -618,8 +618,9 @@ def isolated(args) -> bool:
 
 
 def in_own_process(part: str, selection: list[str], args) -> dict:
-    """One measurement of ``part`` (``train``, ``train_profile`` or ``distill``) in a fresh process of this script, the setting picked by
-    the arguments ``selection`` (e.g. ``["--train", "t2md:512x32"]``) and the rest of ``args``: its result row."""
+    """One measurement of ``part`` (``train``, ``train_profile`` or ``distill``) in a fresh process of this script,
+    the setting picked by the arguments ``selection`` (e.g. ``["--train", "t2md:512x32"]``) and the rest of
+    ``args``: its result row."""
     with tempfile.TemporaryDirectory() as folder:
         results = os.path.join(folder, "results.json")
         command = [sys.executable, os.path.abspath(__file__), "--parts", part, *selection, "--no-isolate",
@@ -713,8 +714,8 @@ class ProfileSteps(L.Callback):
 
 def profile_training(setting: str, args) -> dict:
     """Profile three training steps (at most ``--steps``) of one ``--train_profile`` setting after ``--warmup`` ones
-    (the ``train`` part's module and Trainer): its row, with the step's wall time, kernel families, top kernels and idle gaps per step (the
-    GPU's kernels on CUDA, the CPU ops elsewhere)."""
+    (the ``train`` part's module and Trainer): its row, with the step's wall time, kernel families, top kernels and
+    idle gaps per step (the GPU's kernels on CUDA, the CPU ops elsewhere)."""
     preset, resolution, batch, compile_setting = training_setting(setting, args.compile)
     if args.tiny:
         resolution = 64
@@ -833,9 +834,9 @@ def main():
                              "overrides --compile for that run. The default: each backbone at its best setting")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="the train, train_profile and distill parts run each setting (and stage) in a fresh "
-                             "process of this script (default: with --device cuda). In one process a run after another can be slower: "
-                             "on one H200, t2md at 512^2 trained at 56.75 images/s after dit-xl/2 and at 58.97 before "
-                             "it")
+                             "process of this script (default: with --device cuda). In one process a run after "
+                             "another can be slower: on one H200, t2md at 512^2 trained at 56.75 images/s after "
+                             "dit-xl/2 and at 58.97 before it")
     parser.add_argument("--train_profile", nargs="+", default=["dit-xl/2:512x32", "t2md:512x32:reduce-overhead"],
                         help="PRESET:RESOLUTIONxBATCH[:MODE], profiled (train_profile part)")
     parser.add_argument("--compile", type=yaml.safe_load, default="auto",

@@ -131,7 +131,8 @@ def test_train_profile_sorts_kernels_into_families(monkeypatch):
         "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, ...>": "ATen reductions and cumsums",
         "void at::native::tensor_kernel_scan_innermost_dim<float, std::plus<float> >(float*, ...)":
             "ATen reductions and cumsums",
-        "void at::native::index_elementwise_kernel<128, 4, at::native::flip_kernel_impl<...>": "copies, casts, indexing",
+        "void at::native::index_elementwise_kernel<128, 4, at::native::flip_kernel_impl<...>":
+            "copies, casts, indexing",
         "Memcpy DtoD (Device -> Device)": "copies, casts, indexing",
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "other",
     }
@@ -154,7 +155,8 @@ def test_hybrid_gpu_script_smoke(tmp_path, monkeypatch):
     assert set(latency) == {(p, s) for p in ("dit-xl/2", "t2md", "dimba-l/2") for s in ("64x64", "128x64")}
     assert all(r["ms"] > 0 for r in latency.values())
     assert latency["t2md", "128x64"]["tokens"] == 2 * latency["t2md", "64x64"]["tokens"] == 32
-    (train,) = rows["train"]  # trained in a process of its own (--isolate), as each distillation stage, rows passed back
+    # trained in a process of its own (--isolate), as each distillation stage, rows passed back
+    (train,) = rows["train"]
     assert train["setting"] == "t2md:64x2" and train["steps"] == 1 and train["images_per_sec"] > 0
     assert train["tflops"] > 0  # FLOPs were counted
     assert train["compile"] is False  # --compile reached the module (YAML: false), through the child's command line
